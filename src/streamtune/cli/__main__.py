@@ -1,0 +1,5 @@
+import sys
+
+from streamtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,364 @@
+"""Run configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+A run is ``RunConfig(model, data, lora, memory, train, output)``. Each field carries its help text in
+``metadata["help"]``; ``streamtune train --help`` prints them. Validation reports every problem at once,
+each naming the dotted key and what is allowed. This module must stay free of torch imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamtune.errors import ConfigError
+
+FORMATS = ("auto", "text", "alpaca", "messages")
+CODECS = ("bf16", "int8", "nf4")
+STREAM_MODES = ("auto", "all", "none")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse a memory size such as ``24GiB``, ``24GB``, ``512MiB`` or a plain byte count.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 24GiB, 22GB, 512MiB)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("tiny-gemma4", "Local HF checkpoint directory, or a preset name (see `streamtune plan --help`).")
+    dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
+    tokenizer: str | None = _f(None, "Tokenizer directory; default: the model directory, or the built-in tiny tokenizer for presets.")
+    seed: int = _f(0, "Seed of the random weights of a preset model.")
+    trust_remote_code: bool = _f(False, "Allow custom modeling code from the checkpoint directory.")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "Training data: a .jsonl or .parquet file.")
+    format: str = _f("auto", "Record format: auto, text, alpaca (instruction/input/output) or messages (chat).")
+    eval_path: str | None = _f(None, "Optional evaluation file (same format).")
+    eval_fraction: float = _f(0.0, "Fraction of the training records held out for evaluation when eval_path is unset.")
+    seq_len: int = _f(512, "Tokens per sequence (packed sequences are filled up to this length).")
+    pack: bool = _f(True, "Pack several samples into one sequence (no attention across samples).")
+    response_only: bool | None = _f(None, "Loss on responses only; default: true for alpaca/messages, false for text.")
+    text_field: str = _f("text", "Field holding the text for the text format.")
+    shuffle: bool = _f(True, "Shuffle samples each epoch (seeded by train.seed).")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(16, "LoRA rank r.")
+    alpha: float = _f(32.0, "LoRA alpha (scale = alpha / rank).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    targets: list[str] | str = _f("auto", "Module names to adapt, e.g. [q_proj, v_proj]; auto = the architecture's default (attention + dense MLP).")
+    target_parameters: list[str] = _f([], "Fused parameters to adapt, e.g. [experts.gate_up_proj, experts.down_proj].")
+
+
+@dataclass
+class MemoryConfig:
+    gpu_budget: str | None = _f(None, "GPU memory the run may use, e.g. 24GiB; default: what the card has free.")
+    host_budget: str | None = _f(None, "Host RAM the run may use, e.g. 64GiB; default: what the machine has.")
+    codec: str = _f("bf16", "Storage/transfer codec of frozen base weights: bf16, int8 or nf4.")
+    stream: str = _f("auto", "Decoder layers streamed from host RAM: auto (the plan decides), all, none (resident).")
+    ring_slots: int = _f(2, "GPU slots for streamed layers (>= 1).")
+    prefetch: int = _f(1, "Layers copied ahead of the one computing (>= 0; capped by ring_slots - 1).")
+    gradient_checkpointing: bool = _f(True, "Recompute each decoder layer in the backward instead of keeping its activations.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "Optimizer steps.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    min_lr_ratio: float = _f(0.1, "Cosine schedule floor as a fraction of lr.")
+    warmup_steps: int = _f(10, "Linear warmup steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(1, "Sequences per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    loss_chunk_tokens: int = _f(1024, "Tokens per chunk of the LM-head loss (bounds the fp32 logits).")
+    eval_every: int = _f(0, "Evaluate every N steps (0: only at the end when there is eval data).")
+    eval_batches: int = _f(8, "Batches per evaluation.")
+    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
+    device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/run", "Run directory: config.yaml, metrics.jsonl, adapter/, checkpoints/.")
+    tensorboard: bool = _f(False, "Also write TensorBoard logs under DIR/tensorboard.")
+    overwrite: bool = _f(False, "Allow a new run in a directory that already holds one.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step at full packing: batch_size * seq_len * grad_accum."""
+        return self.train.batch_size * self.data.seq_len * self.train.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_CLASSES = {
+    "model": ModelConfig, "data": DataConfig, "lora": LoraConfig,
+    "memory": MemoryConfig, "train": TrainConfig, "output": OutputConfig,
+}
+
+
+def help_lines() -> list[str]:
+    """One line per config key with its default and help text (for ``--help``)."""
+    lines = []
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{section}.{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return lines
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, problems: list[str]) -> Any:
+    """Coerce a YAML/CLI value to the field's declared type; record a problem when impossible."""
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        problems.append(f"{key}: must not be empty")
+        return f.default
+    if kind.startswith("list") and isinstance(value, str) and "str" not in kind.replace("list[str]", ""):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, (bool, int)):
+                raise ValueError
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind.startswith("list[str] | str"):
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            return str(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [str(v) for v in value]
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        problems.append(f"{key}: {value!r} is not a valid {kind}")
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from nested dicts, validating everything.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and out-of-range value.
+    """
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<root>: expected a mapping of sections {list(_SECTION_CLASSES)}, got {type(raw).__name__}"])
+    sections = {}
+    for name in raw:
+        if name not in _SECTION_CLASSES:
+            problems.append(f"{name}: unknown section; allowed: {', '.join(_SECTION_CLASSES)}")
+    for name, cls in _SECTION_CLASSES.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"{name}: expected a mapping of keys, got {values!r}")
+            values = {}
+        by_name = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in by_name:
+                problems.append(f"{name}.{key}: unknown key; allowed: {', '.join(by_name)}")
+                continue
+            kwargs[key] = _coerce(f"{name}.{key}", value, by_name[key], problems)
+        sections[name] = cls(**kwargs)
+    cfg = RunConfig(**sections)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _check_choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def _check_min(problems: list[str], key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        problems.append(f"{key}: {value!r} must be >= {minimum}")
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Return every problem of a config (empty when valid). Does not touch the file system."""
+    p: list[str] = []
+    _check_choice(p, "model.dtype", cfg.model.dtype, DTYPES)
+    if not cfg.model.name:
+        p.append("model.name: required; a local HF checkpoint directory or a preset such as tiny-gemma4")
+    if not cfg.data.path:
+        p.append("data.path: required; a .jsonl or .parquet file")
+    _check_choice(p, "data.format", cfg.data.format, FORMATS)
+    _check_min(p, "data.seq_len", cfg.data.seq_len, 8)
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        p.append(f"data.eval_fraction: {cfg.data.eval_fraction} must be in [0, 1)")
+    _check_min(p, "lora.rank", cfg.lora.rank, 1)
+    _check_min(p, "lora.alpha", cfg.lora.alpha, 0.0)
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        p.append(f"lora.dropout: {cfg.lora.dropout} must be in [0, 1)")
+    if isinstance(cfg.lora.targets, str) and cfg.lora.targets != "auto":
+        p.append(f"lora.targets: {cfg.lora.targets!r}: use 'auto' or a list of module names such as [q_proj, v_proj]")
+    if isinstance(cfg.lora.targets, list) and not cfg.lora.targets and not cfg.lora.target_parameters:
+        p.append("lora.targets: empty list adapts nothing; give module names or 'auto'")
+    for key in ("gpu_budget", "host_budget"):
+        value = getattr(cfg.memory, key)
+        if value is not None:
+            try:
+                if parse_bytes(value) <= 0:
+                    raise ValueError(f"{value!r} must be positive")
+            except ValueError as exc:
+                p.append(f"memory.{key}: {exc}")
+    _check_choice(p, "memory.codec", cfg.memory.codec, CODECS)
+    _check_choice(p, "memory.stream", cfg.memory.stream, STREAM_MODES)
+    _check_min(p, "memory.ring_slots", cfg.memory.ring_slots, 1)
+    _check_min(p, "memory.prefetch", cfg.memory.prefetch, 0)
+    t = cfg.train
+    for key, minimum in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("loss_chunk_tokens", 1),
+                         ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("eval_batches", 1),
+                         ("lr", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0)):
+        _check_min(p, f"train.{key}", getattr(t, key), minimum)
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio: {t.min_lr_ratio} must be in [0, 1]")
+    _check_choice(p, "train.device", t.device, DEVICES)
+    if not cfg.output.dir:
+        p.append("output.dir: required; the run directory")
+    return p
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn ``["train.lr=1e-4", "lora.targets=[q_proj,v_proj]"]`` into nested dicts.
+
+    Values are parsed as YAML scalars/lists. Returns the nested dict and the malformed items.
+    """
+    nested: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append(f"{item}: overrides look like section.key=value, e.g. train.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested, problems
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config, apply dotted overrides and validate.
+
+    Relative ``data.path``/``data.eval_path`` resolve against the YAML file's directory when
+    they exist there, so an example config runs from any working directory.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or any key is invalid (all listed at once).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config: file {str(path)!r} does not exist; pass a YAML file such as examples/quickstart.yaml"])
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"config: {path} is not valid YAML: {exc}"]) from exc
+        if isinstance(raw, dict):
+            _resolve_relative(raw, path.parent)
+    nested, problems = parse_overrides(overrides or [])
+    if problems:
+        raise ConfigError(problems)
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: {path} must hold a mapping of sections, got {type(raw).__name__}"])
+    return from_dict(_merge(raw, nested))
+
+
+def _resolve_relative(raw: dict[str, Any], base_dir: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("path", "eval_path"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
+            candidate = base_dir / value
+            if candidate.exists():
+                data[key] = str(candidate)

@@ -1,0 +1,159 @@
+"""Building models: from a preset (random weights) or a local HF directory, on meta/CPU/GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from streamtune.errors import InputError
+from streamtune.models.adapters import ArchAdapter, adapter_for
+from streamtune.models.presets import PRESETS, is_preset, preset_config
+
+_FILL_BLOCK_NUMEL = 1 << 20
+
+
+def resolve_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The HF config of a preset name or a local checkpoint directory.
+
+    Raises:
+        InputError: ``name`` is neither a preset nor a directory holding config.json.
+    """
+    if is_preset(name):
+        return preset_config(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"model.name: {name!r} is neither a local directory nor a preset; "
+            f"presets: {', '.join(PRESETS)}; a directory needs config.json and *.safetensors"
+        )
+    if not (path / "config.json").is_file():
+        raise InputError(f"model.name: {str(path)!r} has no config.json; point it at a HF checkpoint directory")
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"model.name: {path / 'config.json'} is not valid JSON: {exc}") from exc
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    adapter_for_or_input_error(config)
+    return config
+
+
+def adapter_for_or_input_error(config: Any) -> ArchAdapter:
+    try:
+        return adapter_for(config)
+    except ValueError as exc:
+        raise InputError(f"model.name: {exc}") from exc
+
+
+def causal_lm_class(config: Any) -> Any:
+    """The ``*ForCausalLM`` class that trains the text model of ``config``."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "model_type", None) == "gemma4":
+        from transformers.models.gemma4.modeling_gemma4 import Gemma4ForCausalLM
+
+        return Gemma4ForCausalLM
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def text_config(config: Any) -> Any:
+    """Gemma4 multimodal configs train their text model only."""
+    if getattr(config, "model_type", None) == "gemma4":
+        return config.get_text_config()
+    return config
+
+
+def build_empty(config: Any, dtype: Any, device: Any = "meta") -> Any:
+    """Construct the causal LM of ``config`` without initialising weights."""
+    import torch
+
+    cls = causal_lm_class(config)
+    cfg = text_config(config)
+    with torch.device(device):
+        model = cls._from_config(cfg, dtype=dtype)
+    return model
+
+
+def random_fill_(model: Any, seed: int, std: float = 0.02) -> None:
+    """Fill every parameter with seeded N(0, std) noise and norms with ones.
+
+    Large tensors are filled by copying one random block repeatedly (memcpy speed), so a 25 B
+    model fills in seconds; the weights are then not i.i.d., which is fine for speed and memory work.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    block = None
+    for name, param in model.named_parameters():
+        data = param.data
+        if data.dim() == 1:
+            data.fill_(1.0 if "norm" in name or "scale" in name else 0.0)
+            continue
+        if data.numel() <= 4 * _FILL_BLOCK_NUMEL:
+            data.copy_(torch.randn(data.shape, generator=gen) * std)
+            continue
+        if block is None or block.dtype != data.dtype:
+            block = (torch.randn(_FILL_BLOCK_NUMEL, generator=gen) * std).to(data.dtype)
+        flat = data.view(-1)
+        for start in range(0, flat.numel(), _FILL_BLOCK_NUMEL):
+            n = min(_FILL_BLOCK_NUMEL, flat.numel() - start)
+            flat[start:start + n].copy_(block[:n])
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.device.type == "meta":
+            raise RuntimeError(f"buffer {name} left on meta")
+
+
+def build_preset(name: str, dtype: Any, seed: int = 0) -> Any:
+    """A preset model on the CPU with seeded random weights."""
+    import torch
+
+    config = preset_config(name)
+    torch.manual_seed(seed)
+    model = build_empty(config, dtype, device="cpu")
+    random_fill_(model, seed)
+    model.tie_weights()
+    return model.eval()
+
+
+def load_pretrained(path: str, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """A local HF checkpoint on the CPU, text model only.
+
+    Raises:
+        InputError: the directory holds no safetensors weights.
+    """
+    directory = Path(path)
+    if not list(directory.glob("*.safetensors")):
+        raise InputError(f"model.name: {str(directory)!r} holds no *.safetensors weights")
+    config = resolve_config(path, trust_remote_code)
+    if getattr(config, "model_type", None) == "gemma4":
+        return _load_gemma4_text(path, config, dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+
+
+def _load_gemma4_text(path: str, config: Any, dtype: Any) -> Any:
+    # Multimodal checkpoint: keep the language model, drop the vision/audio towers.
+    from transformers import AutoModelForImageTextToText
+
+    full = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    model = build_empty(config, dtype, device="meta")
+    model.model = full.model.language_model
+    model.lm_head = full.lm_head
+    model.tie_weights()
+    return model.eval()
+
+
+def build_model(name: str, dtype: Any, seed: int = 0, trust_remote_code: bool = False) -> tuple[Any, ArchAdapter]:
+    """The model named by ``model.name`` (preset or directory) on the CPU, and its adapter.
+
+    Raises:
+        InputError: unknown name, missing files, unsupported architecture.
+    """
+    config = resolve_config(name, trust_remote_code)
+    adapter = adapter_for_or_input_error(config)
+    if is_preset(name):
+        return build_preset(name, dtype, seed), adapter
+    return load_pretrained(name, dtype, trust_remote_code), adapter
