@@ -1,37 +1,79 @@
-"""The streaming engine: frozen decoder-layer weights in pinned host RAM, streamed to the GPU.
+"""The streaming engine: frozen decoder-layer weights in (pinned) host RAM, streamed to the GPU.
 
-Public entry point: :func:`place`. (Provisional resident-only implementation; the engine replaces it.)
+Public entry point: :func:`place`, which puts a (LoRA-wrapped) model on its device according to
+the run's ``memory`` config and returns a :class:`Placement` reporting per-step transfer metrics.
+This package never imports transformers or peft; it sees modules and parameters only.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from streamtune.offload.engine import StreamEngine, spread_evenly
+
+__all__ = ["Placement", "StreamEngine", "place", "spread_evenly"]
+
 
 class Placement:
-    """Where the model lives after :func:`place`; reports transfer metrics per step."""
+    """Where the model lives after :func:`place`.
 
-    def __init__(self, model: Any, device: Any):
+    Attributes:
+        model: the placed model.
+        device: its compute device.
+        engine: the :class:`StreamEngine` serving streamed layers.
+        plan: the plan that chose the placement (None when the placement was given explicitly).
+    """
+
+    def __init__(self, model: Any, device: Any, engine: StreamEngine, plan: Any = None):
         self.model = model
         self.device = device
+        self.engine = engine
+        self.plan = plan
 
     def step_metrics(self) -> dict[str, float]:
-        """Transfer metrics since the last call: h2d_bytes, h2d_gbps, copy_wait_s."""
-        return {"h2d_bytes": 0, "h2d_gbps": 0.0, "copy_wait_s": 0.0}
+        """Transfer metrics since the last call: h2d_bytes, h2d_gbps, h2d_s, copy_wait_s."""
+        return self.engine.step_metrics()
+
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()
 
     def close(self) -> None:
-        """Release pinned host memory and GPU slots."""
+        """Decode streamed layers back into ordinary CPU tensors and restore their forwards."""
+        self.engine.close()
 
 
-def place(model: Any, adapter: Any, memory: Any, device: Any) -> Placement:
-    """Move a (LoRA-wrapped) model onto ``device`` according to ``memory`` (a MemoryConfig).
+def streamed_layers(num_layers: int, memory: Any, device: Any, plan: Any = None) -> list[int]:
+    """Decoder layers to stream for ``memory.stream``: all, none, or (auto) the plan's choice.
 
-    Enables gradient checkpointing of decoder layers when ``memory.gradient_checkpointing``.
+    Without a plan, ``auto`` streams nothing on a CPU and everything on a GPU.
     """
-    model.to(device)
-    if memory.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(base, "enable_input_require_grads"):
-            base.enable_input_require_grads()
-    return Placement(model, device)
+    if memory.stream == "none":
+        return []
+    if memory.stream == "all":
+        return list(range(num_layers))
+    if plan is not None:
+        return list(plan.streamed_indices)
+    return list(range(num_layers)) if str(device).startswith("cuda") else []
+
+
+def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None) -> Placement:
+    """Put a (LoRA-wrapped) model on ``device`` according to ``memory`` (a MemoryConfig).
+
+    Args:
+        model: stock HF causal LM, or a PEFT model wrapping one, on the CPU.
+        adapter: the model's ArchAdapter.
+        memory: ``streamtune.config.MemoryConfig`` (stream, codec, ring_slots, prefetch,
+            gradient_checkpointing).
+        device: compute device.
+        plan: optional ``streamtune.plan`` Plan whose ``streamed_indices`` decide ``stream: auto``.
+
+    Raises:
+        ValueError: the plan names layers the model does not have.
+    """
+    from streamtune.models.adapters import decoder_layers
+
+    num_layers = len(decoder_layers(model))
+    streamed = streamed_layers(num_layers, memory, device, plan)
+    engine = StreamEngine(model, device, streamed, codec=memory.codec, num_slots=memory.ring_slots,
+                          prefetch=memory.prefetch, gradient_checkpointing=memory.gradient_checkpointing)
+    return Placement(model, engine.device, engine, plan)

@@ -1,0 +1,170 @@
+"""Host side: one packed (pinned) buffer per streamed layer, and binding its tensors to GPU memory.
+
+Problem: copying a layer tensor by tensor costs one small H2D copy each and pageable memory runs at
+a ninth of pinned speed. Solution: every frozen tensor of a decoder layer is encoded with its codec
+and written into one pinned uint8 buffer, parts at 256-byte aligned offsets; one copy moves the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+ALIGN_BYTES = 256
+
+
+def _align(offset_bytes: int) -> int:
+    return (offset_bytes + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+
+
+@dataclass
+class PackedPart:
+    """One encoded part of a tensor inside a layer buffer."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset_bytes: int
+    nbytes: int
+
+
+@dataclass
+class PackedTensor:
+    """A frozen parameter of the layer and where its encoded parts live in the buffer."""
+
+    param: nn.Parameter
+    name: str
+    codec: Any
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: list[PackedPart]
+    decoded_offset_bytes: int = 0
+
+    @property
+    def decoded_nbytes(self) -> int:
+        return _numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class LayerPack:
+    """The packed host buffer of one streamed decoder layer.
+
+    Attributes:
+        index: decoder layer index.
+        buffer: uint8 host tensor (pinned when CUDA is available) holding every encoded part.
+        tensors: the layer's frozen parameters and their parts.
+        decoded_nbytes: bytes of the decode workspace this layer needs (0 when every codec is identity).
+    """
+
+    index: int
+    buffer: torch.Tensor
+    tensors: list[PackedTensor] = field(default_factory=list)
+    decoded_nbytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def frozen_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of ``layer`` that stream: every one that does not require grad (deduplicated)."""
+    seen: set[int] = set()
+    out = []
+    for name, param in layer.named_parameters(remove_duplicate=False):
+        if param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((name, param))
+    return out
+
+
+def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device: torch.device,
+               pin: bool) -> LayerPack:
+    """Encode the frozen parameters of ``layer`` into one host buffer and detach them from their storage.
+
+    Each parameter's ``.data`` becomes a zero-byte placeholder of the right shape, dtype and device
+    (an expanded scalar), so the original CPU storage is freed as soon as the caller drops its
+    references: host RAM holds one (encoded) copy of the base weights, plus one layer in flight.
+
+    Args:
+        index: decoder layer index (for error messages and metrics).
+        layer: the decoder layer (possibly wrapped by PEFT).
+        codec_for: callable ``(param_name, shape) -> Codec`` (streamtune.quant codec objects).
+        placeholder_device: where the placeholders live (the compute device).
+        pin: allocate the buffer in page-locked memory.
+    """
+    entries = []
+    offset = 0
+    decoded_offset = 0
+    for name, param in frozen_parameters(layer):
+        shape = tuple(param.shape)
+        codec = codec_for(name, shape)
+        parts = []
+        for spec in codec.layout(shape, param.dtype):
+            offset = _align(offset)
+            nbytes = _numel(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
+            parts.append(PackedPart(spec.name, spec.dtype, tuple(spec.shape), offset, nbytes))
+            offset += nbytes
+        entry = PackedTensor(param, name, codec, shape, param.dtype, parts)
+        if not codec.is_identity:
+            decoded_offset = _align(decoded_offset)
+            entry.decoded_offset_bytes = decoded_offset
+            decoded_offset += entry.decoded_nbytes
+        entries.append(entry)
+    buffer = torch.empty(_align(offset), dtype=torch.uint8, pin_memory=pin)
+    for entry in entries:
+        encoded = entry.codec.encode(entry.param.data.detach().cpu())
+        for part in entry.parts:
+            view = part_view(buffer, part)
+            view.copy_(encoded[part.name].reshape(part.shape))
+        entry.param.data = placeholder(entry.shape, entry.dtype, placeholder_device)
+    return LayerPack(index, buffer, entries, decoded_offset)
+
+
+def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of ``shape`` that owns one element: what an unbound streamed parameter holds."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def part_view(buffer: torch.Tensor, part: PackedPart) -> torch.Tensor:
+    """The typed view of one part inside a uint8 buffer (host buffer or GPU slot)."""
+    return buffer[part.offset_bytes:part.offset_bytes + part.nbytes].view(part.dtype).view(part.shape)
+
+
+def bind(pack: LayerPack, slot: torch.Tensor, workspace: torch.Tensor | None) -> None:
+    """Point the layer's parameters at their bytes in ``slot`` (decoding into ``workspace`` if needed).
+
+    Runs on the compute stream: decode kernels are ordered after the wait on the slot's copy.
+    """
+    for entry in pack.tensors:
+        parts = {p.name: part_view(slot, p) for p in entry.parts}
+        if entry.codec.is_identity:
+            entry.param.data = parts[entry.parts[0].name]
+            continue
+        start = entry.decoded_offset_bytes
+        out = workspace[start:start + entry.decoded_nbytes].view(entry.dtype).view(entry.shape)
+        entry.param.data = entry.codec.decode(parts, entry.shape, entry.dtype, out=out)
+
+
+def unbind(pack: LayerPack, device: torch.device) -> None:
+    """Return the layer's parameters to placeholders; the slot may then be overwritten."""
+    for entry in pack.tensors:
+        entry.param.data = placeholder(entry.shape, entry.dtype, device)
+
+
+def unpack_to(pack: LayerPack, device: torch.device) -> None:
+    """Decode every parameter of the layer back into its own storage on ``device`` (undo streaming)."""
+    for entry in pack.tensors:
+        parts = {p.name: part_view(pack.buffer, p) for p in entry.parts}
+        value = entry.codec.decode(parts, entry.shape, entry.dtype)
+        entry.param.data = value.to(device).clone()

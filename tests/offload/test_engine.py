@@ -1,0 +1,144 @@
+"""Invariant 1: streaming changes no number. Invariant 4: one host copy of the base weights."""
+
+import copy
+
+import pytest
+import torch
+
+from streamtune.config import MemoryConfig
+from streamtune.models.adapters import decoder_layers
+from streamtune.offload import StreamEngine, place, spread_evenly
+from tests.offload.lora_models import TINY, batches, lora_grads, lora_model
+
+
+def train_steps(model, data, grad_accum: int, lr: float = 1e-2, device="cpu"):
+    """A few AdamW steps; returns per-micro-batch losses and the grads of every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses, grads = [], []
+    for start in range(0, len(data), grad_accum):
+        for batch in data[start:start + grad_accum]:
+            out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            (out.loss / grad_accum).backward()
+            losses.append(out.loss.item())
+        grads.append(lora_grads(model))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def assert_same(ref, got, atol=2e-5):
+    ref_losses, ref_grads = ref
+    losses, grads = got
+    assert losses == pytest.approx(ref_losses, abs=atol)
+    assert len(grads) == len(ref_grads)
+    for ref_step, step in zip(ref_grads, grads):
+        assert ref_step.keys() == step.keys()
+        for name in ref_step:
+            torch.testing.assert_close(step[name], ref_step[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_streamed_equals_resident_all_architectures(name):
+    model, _ = lora_model(name, experts=name != "tiny-llama")
+    reference = copy.deepcopy(model)
+    data = batches(4)
+    StreamEngine(reference, "cpu", streamed=[], gradient_checkpointing=True)
+    expected = train_steps(reference, data, grad_accum=2)
+    num_layers = len(decoder_layers(model))
+    engine = StreamEngine(model, "cpu", streamed=list(range(num_layers)), num_slots=2, prefetch=1)
+    assert_same(expected, train_steps(model, data, grad_accum=2))
+    assert engine.step_metrics()["h2d_bytes"] > 0
+
+
+@pytest.mark.parametrize("num_slots,prefetch", [(1, 0), (1, 3), (2, 1), (3, 2), (4, 9)])
+def test_ring_sizes_and_deep_prefetch(num_slots, prefetch):
+    model, _ = lora_model("tiny-gemma4")
+    reference = copy.deepcopy(model)
+    data = batches(4, seed=1)
+    StreamEngine(reference, "cpu", streamed=[])
+    expected = train_steps(reference, data, grad_accum=2)
+    StreamEngine(model, "cpu", streamed=[0, 1, 2, 3], num_slots=num_slots, prefetch=prefetch)
+    assert_same(expected, train_steps(model, data, grad_accum=2))
+
+
+def test_mixed_resident_and_streamed_with_dropout():
+    # dropout draws random masks: the recompute must replay the forward's RNG exactly
+    model, _ = lora_model("tiny-gemma4", dropout=0.2)
+    reference = copy.deepcopy(model)
+    data = batches(3, seed=2)
+    StreamEngine(reference, "cpu", streamed=[])
+    torch.manual_seed(123)
+    expected = train_steps(reference, data, grad_accum=1)
+    StreamEngine(model, "cpu", streamed=[1, 3], num_slots=2, prefetch=1)
+    torch.manual_seed(123)
+    assert_same(expected, train_steps(model, data, grad_accum=1))
+
+
+@pytest.mark.parametrize("num_slots", [1, 2, 3, 4, 6])
+def test_one_fetch_per_layer_per_pass_and_turnaround(num_slots):
+    # forward fetches each layer once, the backward once more; the layers still in slots at a
+    # turn (end of forward, end of backward) are reused without a copy.
+    model, _ = lora_model("tiny-gemma4")
+    engine = StreamEngine(model, "cpu", streamed=[0, 1, 2, 3], num_slots=num_slots, prefetch=1)
+    num_layers, reused = 4, min(num_slots, 4)
+    data = batches(3, seed=3)
+    counts = []
+    for batch in data:
+        model(**batch, use_cache=False).loss.backward()
+        counts.append(engine.step_metrics()["h2d_copies"])
+    assert counts[0] == num_layers + (num_layers - reused)
+    assert counts[1:] == [2 * (num_layers - reused)] * 2
+
+
+def test_eval_forward_without_grad_and_close_restores_weights():
+    model, _ = lora_model("tiny-llama")
+    reference = copy.deepcopy(model).eval()
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        expected = reference(input_ids=ids, use_cache=False).logits
+    engine = StreamEngine(model, "cpu", streamed=[0, 2], num_slots=1, prefetch=1)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected)
+    # between layers, streamed weights are zero-byte placeholders: nothing holds a second copy
+    for index in (0, 2):
+        for entry in engine.packs[index].tensors:
+            assert entry.param.data.untyped_storage().nbytes() <= entry.param.element_size()
+    engine.close()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected)
+
+
+def test_host_holds_one_copy_of_streamed_weights():
+    model, _ = lora_model("tiny-qwen3-moe", experts=True)
+    layers = decoder_layers(model)
+    frozen_bytes = sum(p.numel() * p.element_size() for layer in layers
+                       for p in layer.parameters() if not p.requires_grad)
+    engine = StreamEngine(model, "cpu", streamed=list(range(len(layers))))
+    assert frozen_bytes <= engine.host_bytes <= frozen_bytes + 256 * 64 * len(layers)
+    for layer in layers:
+        for p in layer.parameters():
+            if not p.requires_grad:
+                assert p.data.untyped_storage().nbytes() <= p.element_size()
+
+
+def test_place_modes():
+    for stream, expected in (("none", []), ("all", [0, 1, 2, 3]), ("auto", [])):
+        model, adapter = lora_model("tiny-gemma4")
+        placement = place(model, adapter, MemoryConfig(stream=stream), "cpu")
+        assert placement.describe()["streamed_layers"] == expected
+
+
+def test_spread_evenly():
+    assert spread_evenly(30, 0) == []
+    assert spread_evenly(30, 30) == list(range(30))
+    picked = spread_evenly(30, 10)
+    assert len(picked) == 10 and all(b - a == 3 for a, b in zip(picked, picked[1:]))
+    assert spread_evenly(4, 2) == [1, 3]
+
+
+def test_out_of_range_layer_is_an_error():
+    model, _ = lora_model("tiny-llama")
+    with pytest.raises(ValueError, match="out of range"):
+        StreamEngine(model, "cpu", streamed=[7])
