@@ -142,3 +142,45 @@ def test_out_of_range_layer_is_an_error():
     model, _ = lora_model("tiny-llama")
     with pytest.raises(ValueError, match="out of range"):
         StreamEngine(model, "cpu", streamed=[7])
+
+
+def _codec_roundtrip_(model, codec_name: str) -> None:
+    from streamtune.offload.engine import codec_chooser
+
+    choose = codec_chooser(codec_name)
+    for layer in decoder_layers(model):
+        for name, p in layer.named_parameters():
+            if not p.requires_grad:
+                codec = choose(name, tuple(p.shape))
+                p.data = codec.decode(codec.encode(p.data), tuple(p.shape), p.dtype)
+
+
+@pytest.mark.parametrize("codec", ["int8", "nf4"])
+def test_streamed_codec_equals_resident_model_through_the_same_codec(codec):
+    model, _ = lora_model("tiny-qwen3-moe", experts=True)
+    reference = copy.deepcopy(model)
+    _codec_roundtrip_(reference, codec)
+    StreamEngine(reference, "cpu", streamed=[])
+    data = batches(2, seed=4)
+    expected = train_steps(reference, data, grad_accum=1)
+    engine = StreamEngine(model, "cpu", streamed=[0, 2], codec=codec, num_slots=1)
+    assert_same(expected, train_steps(model, data, grad_accum=1))
+    # the compressed host copy is smaller than bf16/fp32 would be
+    frozen = sum(p.numel() * p.element_size() for p in reference.parameters() if not p.requires_grad)
+    assert engine.host_bytes < frozen / 2
+    for p in model.parameters():
+        assert p.grad is None or p.requires_grad
+
+
+def test_set_streamed_replaces_without_changing_numbers():
+    model, _ = lora_model("tiny-gemma4")
+    reference = copy.deepcopy(model)
+    data = batches(2, seed=5)
+    StreamEngine(reference, "cpu", streamed=[])
+    expected = train_steps(reference, data, grad_accum=1, lr=0.0)
+    engine = StreamEngine(model, "cpu", streamed=[0, 1, 2, 3])
+    engine.set_streamed([1])
+    assert engine.describe()["resident_layers"] == [0, 2, 3]
+    assert_same(expected, train_steps(model, data, grad_accum=1, lr=0.0))
+    engine.set_streamed([])
+    assert_same(expected, train_steps(model, data, grad_accum=1, lr=0.0))

@@ -17,7 +17,7 @@ from torch import nn
 
 from streamtune.models.adapters import decoder_layers, unwrap
 from streamtune.offload.checkpoint import StreamedLayer
-from streamtune.offload.host import LayerPack, bind, pack_layer, unbind, unpack_to
+from streamtune.offload.host import LayerPack, bind, materialize, pack_layer, unbind
 from streamtune.offload.ring import SlotRing
 
 
@@ -44,17 +44,21 @@ def codec_chooser(codec_name: str) -> Any:
 
 
 class StreamEngine:
-    """Streams the frozen weights of selected decoder layers from host RAM to ``device``.
+    """Serves the frozen weights of every decoder layer from one packed host copy.
 
-    Everything else (embeddings, norms, LM head, resident layers, every LoRA weight, buffers) is
-    moved to ``device`` once. Streamed layers run under the streamed checkpoint; resident layers
-    use the model's own gradient checkpointing when ``gradient_checkpointing`` is set.
+    Every decoder layer's frozen weights are packed once into host buffers (pinned on CUDA machines):
+    host RAM holds the one copy of the base weights, in the codec. Streamed layers are copied into a
+    GPU slot ring per use; resident layers get their own GPU copy, bound for good. Everything else
+    (embeddings, norms, LM head, every LoRA weight, buffers) moves to ``device`` once. Streamed
+    layers run under the streamed checkpoint; resident layers use the model's own gradient
+    checkpointing when ``gradient_checkpointing`` is set. :meth:`set_streamed` re-places layers
+    without repacking.
 
     Args:
         model: a stock HF causal LM or a PEFT model wrapping one, on the CPU.
         device: compute device (``cuda:N`` or ``cpu``; on a CPU copies are synchronous).
         streamed: decoder layer indices to stream.
-        codec: storage codec of streamed frozen weights (``bf16``, ``int8``, ``nf4``).
+        codec: storage codec of frozen layer weights (``bf16``, ``int8``, ``nf4``).
         num_slots: GPU ring size.
         prefetch: layers copied ahead.
         gradient_checkpointing: checkpoint resident layers too.
@@ -70,27 +74,30 @@ class StreamEngine:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.layers = decoder_layers(model)
+        self.codec = codec
+        self.num_slots = num_slots
+        self.prefetch = prefetch
+        self.gradient_checkpointing = gradient_checkpointing
+        self.streamed: list[int] = []
+        self.packs: dict[int, LayerPack] = {}
+        self.resident_buffers: dict[int, torch.Tensor | None] = {}
+        self._check_indices(streamed)
+        self._pack_layers(codec)
+        model.to(self.device)
+        self._configure_checkpointing(gradient_checkpointing)
+        self.ring = SlotRing({}, self.device, num_slots, prefetch)
+        self.set_streamed(streamed)
+
+    def _check_indices(self, streamed: list[int]) -> None:
         bad = [i for i in streamed if not 0 <= i < len(self.layers)]
         if bad:
             raise ValueError(f"streamed layer indices {bad} out of range 0..{len(self.layers) - 1}")
-        self.streamed = sorted(set(streamed))
-        self.codec = codec
-        self.packs: dict[int, LayerPack] = {}
-        self._original_forwards: dict[int, Any] = {}
-        self._pack_layers(codec)
-        model.to(self.device)
-        self.ring = SlotRing(self.packs, self.device, num_slots, prefetch)
-        self._configure_checkpointing(gradient_checkpointing)
-        for index in self.streamed:
-            layer = self.layers[index]
-            self._original_forwards[index] = layer.forward
-            layer.forward = StreamedLayer(self, index, layer.forward, self.device)
 
     def _pack_layers(self, codec: str) -> None:
         pin = torch.cuda.is_available() and self.device.type == "cuda"
         choose = codec_chooser(codec)
-        for index in self.streamed:
-            self.packs[index] = pack_layer(index, self.layers[index], choose, self.device, pin)
+        for index, layer in enumerate(self.layers):
+            self.packs[index] = pack_layer(index, layer, choose, self.device, pin)
 
     def _configure_checkpointing(self, enabled: bool) -> None:
         base = unwrap(self.model)
@@ -98,10 +105,43 @@ class StreamEngine:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(base, "enable_input_require_grads"):
                 base.enable_input_require_grads()
-        for index in self.streamed:
-            # the streamed checkpoint replaces the stock one on these layers
-            if hasattr(self.layers[index], "gradient_checkpointing"):
-                self.layers[index].gradient_checkpointing = False
+
+    def set_streamed(self, streamed: list[int]) -> None:
+        """Stream exactly ``streamed``; every other decoder layer becomes resident.
+
+        Raises:
+            ValueError: an index is out of range.
+        """
+        self._check_indices(streamed)
+        new = sorted(set(streamed))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for index in range(len(self.layers)):
+            if index in new and index not in self.streamed:
+                self._make_streamed(index)
+            elif index not in new and (index in self.streamed or index not in self.resident_buffers):
+                self._make_resident(index)
+        self.streamed = new
+        # Slots are sized for the largest streamed layer: a new ring, empty.
+        self.ring = SlotRing({i: self.packs[i] for i in new}, self.device, self.num_slots, self.prefetch)
+
+    def _make_resident(self, index: int) -> None:
+        layer = self.layers[index]
+        if "forward" in layer.__dict__:
+            # drop the instance attribute: the class forward applies again
+            del layer.forward
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = self.gradient_checkpointing
+        self.resident_buffers[index] = materialize(self.packs[index], self.device)
+
+    def _make_streamed(self, index: int) -> None:
+        layer = self.layers[index]
+        unbind(self.packs[index], self.device)
+        self.resident_buffers.pop(index, None)
+        if hasattr(layer, "gradient_checkpointing"):
+            # the streamed checkpoint replaces the stock one on this layer
+            layer.gradient_checkpointing = False
+        layer.forward = StreamedLayer(self, index, type(layer).forward.__get__(layer), self.device)
 
     # -- called by StreamedLayer ----------------------------------------------------------------
 
@@ -119,7 +159,7 @@ class StreamEngine:
 
     @property
     def host_bytes(self) -> int:
-        """Bytes of packed host buffers (the one copy of the streamed base weights)."""
+        """Bytes of packed host buffers (the one copy of the decoder layers' base weights)."""
         return sum(p.nbytes for p in self.packs.values())
 
     @property
@@ -128,29 +168,42 @@ class StreamEngine:
         workspace = self.ring.workspace.numel() if self.ring.workspace is not None else 0
         return self.ring.slot_nbytes * len(self.ring.slots) + workspace
 
+    @property
+    def gpu_resident_bytes(self) -> int:
+        """Bytes of the resident layers' frozen weights on the device (decoded, bf16 for every codec)."""
+        if self.device.type == "cpu":
+            return 0
+        return sum(entry.decoded_nbytes for i in self.resident_buffers for entry in self.packs[i].tensors)
+
     def step_metrics(self) -> dict[str, float]:
-        """Transfer metrics since the last call: h2d_bytes, h2d_gbps, h2d_s, copy_wait_s."""
+        """Transfer metrics since the last call: h2d_bytes, h2d_copies, h2d_s, h2d_gbps, copy_wait_s."""
         return self.ring.pop_stats()
 
     def describe(self) -> dict[str, Any]:
         return {
             "streamed_layers": self.streamed,
-            "resident_layers": [i for i in range(len(self.layers)) if i not in self.packs],
+            "resident_layers": sorted(self.resident_buffers),
             "codec": self.codec,
             "ring_slots": len(self.ring.slots),
             "prefetch": self.ring.prefetch,
             "host_bytes": self.host_bytes,
             "gpu_ring_bytes": self.gpu_ring_bytes,
+            "gpu_resident_bytes": self.gpu_resident_bytes,
         }
 
     def close(self, device: torch.device | str | None = None) -> None:
-        """Undo streaming: decode every streamed layer into ordinary tensors on ``device`` (default: CPU)."""
+        """Undo the engine: decode every layer into ordinary tensors on ``device`` (default: CPU)."""
         target = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
         for index, pack in self.packs.items():
-            unpack_to(pack, target)
-            # drop the instance attribute: the class forward applies again
-            del self.layers[index].forward
+            layer = self.layers[index]
+            if "forward" in layer.__dict__:
+                del layer.forward
+            if hasattr(layer, "gradient_checkpointing"):
+                layer.gradient_checkpointing = self.gradient_checkpointing
+            materialize(pack, target, own=True)
         self.packs.clear()
-        self._original_forwards.clear()
+        self.resident_buffers.clear()
+        self.streamed = []

@@ -162,9 +162,23 @@ def unbind(pack: LayerPack, device: torch.device) -> None:
         entry.param.data = placeholder(entry.shape, entry.dtype, device)
 
 
-def unpack_to(pack: LayerPack, device: torch.device) -> None:
-    """Decode every parameter of the layer back into its own storage on ``device`` (undo streaming)."""
+def materialize(pack: LayerPack, device: torch.device, own: bool = False) -> torch.Tensor | None:
+    """Bind the layer's parameters for good to decoded tensors on ``device`` (a resident layer).
+
+    With an identity codec the parameters become views of one device copy of the packed buffer
+    (on a CPU, of the host buffer itself: no copy at all). Otherwise every tensor gets its own
+    decoded storage and the encoded device copy is dropped. ``own=True`` always gives each
+    parameter its own storage (so the host buffer can be freed).
+
+    Returns:
+        The buffer the parameters view into, or None when each owns its storage.
+    """
+    source = pack.buffer if device.type == "cpu" else pack.buffer.to(device)
+    shared = not own and all(entry.codec.is_identity for entry in pack.tensors)
     for entry in pack.tensors:
-        parts = {p.name: part_view(pack.buffer, p) for p in entry.parts}
+        parts = {p.name: part_view(source, p) for p in entry.parts}
         value = entry.codec.decode(parts, entry.shape, entry.dtype)
-        entry.param.data = value.to(device).clone()
+        if not shared and entry.codec.is_identity:
+            value = value.clone()
+        entry.param.data = value
+    return source if shared else None
