@@ -60,3 +60,20 @@ def test_slot_is_not_overwritten_while_a_kernel_may_read_it(skip_free_wait):
         assert not torch.allclose(got, expected, atol=1e-3)
     else:
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("codec", ["int8", "nf4"])
+def test_compressed_resident_and_streamed_layers_on_cuda(codec):
+    from tests.offload.test_engine import _codec_roundtrip_
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, _ = lora_model("tiny-gemma4", experts=True)
+    reference = copy.deepcopy(model)
+    _codec_roundtrip_(reference, codec)
+    StreamEngine(reference, "cuda", streamed=[])
+    data = batches(2, seed=6)
+    expected = train_steps(reference, data, grad_accum=1, device="cuda")
+    engine = StreamEngine(model, "cuda", streamed=[1, 3], codec=codec)
+    assert engine.describe()["resident_layers"] == [0, 2]
+    assert engine.compressed_resident == {0, 2}
+    assert_same(expected, train_steps(model, data, grad_accum=1, device="cuda"), atol=1e-4)

@@ -71,9 +71,20 @@ def build_empty(config: Any, dtype: Any, device: Any = "meta") -> Any:
 
     cls = causal_lm_class(config)
     cfg = text_config(config)
-    with torch.device(device):
+    # Skip the random init on real devices: callers fill or load every weight (init of a 25 B
+    # model with normal_ takes minutes; random_fill_ takes seconds).
+    with torch.device(device), _no_init_weights():
         model = cls._from_config(cfg, dtype=dtype)
+    model.tie_weights()  # skipped init also skipped the tying
     return model
+
+
+def _no_init_weights() -> Any:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def random_fill_(model: Any, seed: int, std: float = 0.02) -> None:

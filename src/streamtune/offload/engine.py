@@ -48,7 +48,9 @@ class StreamEngine:
 
     Every decoder layer's frozen weights are packed once into host buffers (pinned on CUDA machines):
     host RAM holds the one copy of the base weights, in the codec. Streamed layers are copied into a
-    GPU slot ring per use; resident layers get their own GPU copy, bound for good. Everything else
+    GPU slot ring per use. Resident layers get their own GPU copy: bound for good when their codec is
+    the identity (bf16), otherwise kept compressed and decoded per use into the one decode workspace
+    that streamed layers share (so nf4 fits 4x more of the model on the GPU). Everything else
     (embeddings, norms, LM head, every LoRA weight, buffers) moves to ``device`` once. Streamed
     layers run under the streamed checkpoint; resident layers use the model's own gradient
     checkpointing when ``gradient_checkpointing`` is set. :meth:`set_streamed` re-places layers
@@ -81,6 +83,8 @@ class StreamEngine:
         self.streamed: list[int] = []
         self.packs: dict[int, LayerPack] = {}
         self.resident_buffers: dict[int, torch.Tensor | None] = {}
+        self.compressed_resident: set[int] = set()
+        self.workspace: torch.Tensor | None = None
         self._check_indices(streamed)
         self._pack_layers(codec)
         model.to(self.device)
@@ -124,20 +128,38 @@ class StreamEngine:
         self.streamed = new
         # Slots are sized for the largest streamed layer: a new ring, empty.
         self.ring = SlotRing({i: self.packs[i] for i in new}, self.device, self.num_slots, self.prefetch)
+        decoded = [self.packs[i].decoded_nbytes for i in [*new, *self.compressed_resident]]
+        self.workspace = None
+        if max(decoded, default=0):
+            # one workspace serves every decode: a single layer is bound at any time
+            self.workspace = torch.empty(max(decoded), dtype=torch.uint8, device=self.device)
 
     def _make_resident(self, index: int) -> None:
         layer = self.layers[index]
+        pack = self.packs[index]
         if "forward" in layer.__dict__:
             # drop the instance attribute: the class forward applies again
             del layer.forward
+        if pack.decoded_nbytes and self.device.type == "cuda":
+            # compressed on the GPU, decoded per use like a streamed layer, without the copy
+            unbind(pack, self.device)
+            self.resident_buffers[index] = pack.buffer.to(self.device)
+            self.compressed_resident.add(index)
+            self._wrap(index)
+            return
+        self.compressed_resident.discard(index)
         if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = self.gradient_checkpointing
-        self.resident_buffers[index] = materialize(self.packs[index], self.device)
+        self.resident_buffers[index] = materialize(pack, self.device)
 
     def _make_streamed(self, index: int) -> None:
-        layer = self.layers[index]
         unbind(self.packs[index], self.device)
         self.resident_buffers.pop(index, None)
+        self.compressed_resident.discard(index)
+        self._wrap(index)
+
+    def _wrap(self, index: int) -> None:
+        layer = self.layers[index]
         if hasattr(layer, "gradient_checkpointing"):
             # the streamed checkpoint replaces the stock one on this layer
             layer.gradient_checkpointing = False
@@ -147,13 +169,17 @@ class StreamEngine:
 
     def acquire(self, index: int, phase: str, backward_expected: bool) -> None:
         """Bind layer ``index``'s parameters to its GPU bytes (copying them first if needed)."""
+        if index in self.compressed_resident:
+            bind(self.packs[index], self.resident_buffers[index], self.workspace)
+            return
         slot = self.ring.acquire(index, phase, backward_expected)
-        bind(self.packs[index], slot.buffer, self.ring.workspace)
+        bind(self.packs[index], slot.buffer, self.workspace)
 
     def release(self, index: int) -> None:
         """Unbind layer ``index``; its slot may be refilled once queued kernels finish."""
         unbind(self.packs[index], self.device)
-        self.ring.release(index)
+        if index not in self.compressed_resident:
+            self.ring.release(index)
 
     # -- reporting and teardown -----------------------------------------------------------------
 
@@ -165,15 +191,16 @@ class StreamEngine:
     @property
     def gpu_ring_bytes(self) -> int:
         """Bytes of GPU slots plus the decode workspace."""
-        workspace = self.ring.workspace.numel() if self.ring.workspace is not None else 0
+        workspace = self.workspace.numel() if self.workspace is not None else 0
         return self.ring.slot_nbytes * len(self.ring.slots) + workspace
 
     @property
     def gpu_resident_bytes(self) -> int:
-        """Bytes of the resident layers' frozen weights on the device (decoded, bf16 for every codec)."""
+        """Bytes of the resident layers' frozen weights on the device (compressed ones in their codec)."""
         if self.device.type == "cpu":
             return 0
-        return sum(entry.decoded_nbytes for i in self.resident_buffers for entry in self.packs[i].tensors)
+        return sum(self.packs[i].nbytes if i in self.compressed_resident
+                   else sum(entry.decoded_nbytes for entry in self.packs[i].tensors) for i in self.resident_buffers)
 
     def step_metrics(self) -> dict[str, float]:
         """Transfer metrics since the last call: h2d_bytes, h2d_copies, h2d_s, h2d_gbps, copy_wait_s."""
@@ -206,4 +233,6 @@ class StreamEngine:
             materialize(pack, target, own=True)
         self.packs.clear()
         self.resident_buffers.clear()
+        self.compressed_resident.clear()
+        self.workspace = None
         self.streamed = []

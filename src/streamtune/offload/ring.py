@@ -70,8 +70,6 @@ class SlotRing:
         slot_nbytes = max((p.nbytes for p in packs.values()), default=0)
         self.slots = [Slot(torch.empty(slot_nbytes, dtype=torch.uint8, device=device))
                       for _ in range(max(1, num_slots))]
-        workspace_nbytes = max((p.decoded_nbytes for p in packs.values()), default=0)
-        self.workspace = torch.empty(workspace_nbytes, dtype=torch.uint8, device=device) if workspace_nbytes else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.stats = TransferStats()
         self.cursor = (FORWARD, -1, True)

@@ -1,0 +1,1 @@
+"""Device benchmarks (``streamtune bench``): link speeds and a streamed LoRA step against baselines."""

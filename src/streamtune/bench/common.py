@@ -1,0 +1,146 @@
+"""Shared pieces of the device benchmarks: model, LoRA, batch, timed steps, link measurements.
+
+Every benchmark reports ratios measured in one run on one card; nothing here runs in CI.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+GIB = 1 << 30
+
+
+@dataclass
+class StepResult:
+    """One variant at one token count."""
+
+    variant: str
+    tokens: int
+    step_s: float | None = None
+    tok_s: float | None = None
+    gpu_peak_bytes: int | None = None
+    h2d_bytes: float | None = None
+    h2d_gbps: float | None = None
+    copy_wait_s: float | None = None
+    loss: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench_config(preset: str, num_layers: int | None) -> Any:
+    """The preset's HF config, optionally cut to ``num_layers`` decoder layers (for smoke runs)."""
+    from streamtune.models.presets import preset_config
+
+    config = preset_config(preset)
+    if num_layers:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers - 1] + ["full_attention"]
+    return config
+
+
+def build_random_model(config: Any, seed: int = 0) -> Any:
+    """A bf16 model of ``config`` in host RAM, filled at memcpy speed (see models.build.random_fill_)."""
+    from streamtune.models.build import build_empty, random_fill_
+
+    start = time.perf_counter()
+    model = build_empty(config, torch.bfloat16, device="cpu")
+    random_fill_(model, seed)
+    model.tie_weights()
+    print(f"[bench] built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params "
+          f"in {time.perf_counter() - start:.1f} s", flush=True)
+    return model
+
+
+def lora_targets_regex(layers: list[int] | None = None) -> str:
+    """Attention + dense MLP of the given decoder layers (all when None)."""
+    index = r"\d+" if layers is None else "(" + "|".join(str(i) for i in layers) + ")"
+    return rf".*layers\.{index}\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+
+def attach_lora(model: Any, rank: int, layers: list[int] | None = None) -> Any:
+    """Stock PEFT LoRA (r, alpha 2r) on attention + dense MLP."""
+    import peft
+
+    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets_regex(layers))
+    model = peft.get_peft_model(model, cfg)
+    model.train()
+    return model
+
+
+def random_batch(tokens: int, vocab: int, device: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, tokens), generator=gen).to(device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def timed_steps(step_fn: Any, num_steps: int, num_warmup: int = 1) -> tuple[float, float]:
+    """Run ``step_fn()`` (returns the loss) warmup + timed times; returns (median seconds, last loss)."""
+    times, loss = [], float("nan")
+    for i in range(num_warmup + num_steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = float(step_fn())
+        torch.cuda.synchronize()
+        if i >= num_warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), loss
+
+
+def cap_gpu_memory(budget_bytes: int | None) -> None:
+    """Cap this process's allocator at ``budget_bytes`` (None: the whole card)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = 1.0 if budget_bytes is None else min(1.0, budget_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.cuda.empty_cache()
+
+
+def measure_h2d(nbytes: int = GIB, pinned: bool = True, repeats: int = 5) -> float:
+    """Host-to-device copy speed in GB/s (best of ``repeats``)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dev.copy_(host, non_blocking=pinned)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """Achieved bf16 matmul TFLOP/s on an n x n x n product."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def measure_link() -> dict[str, Any]:
+    """What ``streamtune bench --link`` measures and caches for the planner."""
+    from streamtune.quant.bench import benchmark_decode
+
+    decode = benchmark_decode("cuda")
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu_name": props.name,
+        "gpu_memory_bytes": props.total_memory,
+        "h2d_gbps": measure_h2d(pinned=True),
+        "h2d_pageable_gbps": measure_h2d(pinned=False, repeats=2),
+        "matmul_tflops": measure_matmul_tflops(),
+        "dequant_gbps": {k: v for k, v in decode.items() if k != "bf16"},
+    }

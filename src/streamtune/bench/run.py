@@ -1,0 +1,164 @@
+"""``streamtune bench`` / ``benchmarks/stream_step.py``: one run, several variants, one table.
+
+Each variant runs in a child process (a clean CUDA context and host heap each); the parent
+measures the link once, collects the children's JSON, prints the table and writes
+``benchmarks/results/stream_step-<gpu>-<codec>-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_VARIANTS = "streamtune,accelerate,fsdp2"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--link", action="store_true",
+                        help="only measure pinned H2D, dequant and matmul speeds and cache them for `streamtune plan`")
+    parser.add_argument("--model", default="gemma4-26b-a4b", help="preset to build with random weights")
+    parser.add_argument("--tokens", default="512,2048,8192", help="comma-separated tokens per step (batch 1)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="streamtune (incl. resident), accelerate, fsdp2")
+    parser.add_argument("--gpu-budget-gib", type=float, default=24.0, help="GPU cap for the capped variants")
+    parser.add_argument("--codec", default="bf16", choices=["bf16", "int8", "nf4"])
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--ring-slots", type=int, default=2)
+    parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--loss-chunk-tokens", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per length (after one warm-up)")
+    parser.add_argument("--baseline-steps", type=int, default=1, help="timed steps of the slow baselines")
+    parser.add_argument("--accelerate-headroom-gib", type=float, default=8.0,
+                        help="GPU memory the accelerate recipe leaves for activations (max_memory = cap - this)")
+    parser.add_argument("--num-layers", type=int, default=None, help="cut the model to N layers (smoke runs)")
+    parser.add_argument("--out", default="benchmarks/results", help="directory of the JSON results")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--link-json", default=None, help=argparse.SUPPRESS)
+
+
+def _link_profile(link: dict[str, Any]) -> Any:
+    from streamtune.plan.profiles import LinkProfile, _closest_named
+
+    like = _closest_named(link["gpu_name"])
+    return LinkProfile(gpu_name=link["gpu_name"], gpu_memory_bytes=link["gpu_memory_bytes"],
+                       h2d_gbps=link["h2d_gbps"], matmul_tflops=link["matmul_tflops"] * 0.8,
+                       hbm_gbps=like.hbm_gbps, dequant_gbps=link.get("dequant_gbps", {}), source="measured")
+
+
+def run_child(args: argparse.Namespace) -> int:
+    from streamtune.bench.variants import VARIANTS
+
+    args.tokens = [int(t) for t in str(args.tokens).split(",")]
+    args.link_profile = _link_profile(json.loads(args.link_json)) if args.link_json else None
+    results = VARIANTS[args.child](args)
+    Path(args.child_out).write_text(json.dumps([r.to_dict() for r in results]))
+    return 0
+
+
+def _child_argv(args: argparse.Namespace, variant: str, out: str, link: dict[str, Any]) -> list[str]:
+    argv = [sys.executable, "-m", "streamtune.bench.run", "--child", variant, "--child-out", out,
+            "--link-json", json.dumps(link)]
+    for key in ("model", "tokens", "gpu_budget_gib", "codec", "lora_rank", "ring_slots", "prefetch",
+                "loss_chunk_tokens", "steps", "baseline_steps", "accelerate_headroom_gib", "num_layers"):
+        value = getattr(args, key)
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure the link, run each variant in a child process, print and save the table."""
+    import torch
+
+    from streamtune.bench.common import measure_link
+    from streamtune.errors import InputError
+
+    if not torch.cuda.is_available():
+        raise InputError("bench: needs a CUDA GPU (none visible); `streamtune plan --gpu NAME` predicts without one")
+    link = measure_link()
+    print(f"[bench] link: {json.dumps(link)}", flush=True)
+    if args.link:
+        from streamtune.plan import save_link_profile
+
+        path = save_link_profile(link["h2d_gbps"], link["matmul_tflops"], link["gpu_name"], link["dequant_gbps"],
+                                 gpu_memory_bytes=link["gpu_memory_bytes"])
+        print(f"link profile saved to {path}")
+        return 0
+    results = []
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            out = tmp.name
+        start = time.perf_counter()
+        proc = subprocess.run(_child_argv(args, variant, out, link))
+        print(f"[bench] {variant}: exit {proc.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
+        try:
+            results += json.loads(Path(out).read_text())
+        except (OSError, json.JSONDecodeError):
+            results.append({"variant": variant, "tokens": None, "error": f"child exited {proc.returncode}"})
+    report = {"link": link, "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
+              "results": results, "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(format_report(report))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"stream_step-{link['gpu_name'].replace(' ', '_')}-{args.codec}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    (out_dir / name).write_text(json.dumps(report, indent=1))
+    print(f"results written to {out_dir / name}")
+    return 0
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, spec)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The results table plus the ratios the targets are stated in."""
+    gib = 1 << 30
+    rows = [f"{'variant':<11} {'tokens':>6} {'step s':>7} {'tok/s':>8} {'peak GiB':>8} {'H2D GB/s':>8} "
+            f"{'GB/step':>7} {'wait s':>6} {'pred s':>6} {'pred GiB':>8}  note"]
+    for r in report["results"]:
+        extra = r.get("extra") or {}
+        rows.append(
+            f"{r['variant']:<11} {_fmt(r.get('tokens'), 'd'):>6} {_fmt(r.get('step_s'), '.3f'):>7} "
+            f"{_fmt(r.get('tok_s'), '.0f'):>8} {_fmt(r.get('gpu_peak_bytes'), '.2f', gib):>8} "
+            f"{_fmt(r.get('h2d_gbps'), '.1f'):>8} {_fmt(r.get('h2d_bytes'), '.1f', 1e9):>7} "
+            f"{_fmt(r.get('copy_wait_s'), '.3f'):>6} {_fmt(extra.get('predicted_step_s'), '.3f'):>6} "
+            f"{_fmt(extra.get('predicted_gpu_peak_bytes'), '.2f', gib):>8}  "
+            f"{r.get('error') or (('streamed ' + str(extra['num_streamed'])) if 'num_streamed' in extra else '')}")
+    rows += _ratios(report)
+    return "\n".join(rows)
+
+
+def _ratios(report: dict[str, Any]) -> list[str]:
+    by = {(r["variant"], r.get("tokens")): r for r in report["results"]}
+    h2d = report["link"]["h2d_gbps"] * 1e9
+    lines = []
+    for (variant, tokens), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        if variant != "streamtune" or not r.get("step_s"):
+            continue
+        resident = (by.get(("resident", tokens)) or {}).get("step_s")
+        bound = max(resident or 0.0, (r.get("h2d_bytes") or 0.0) / h2d)
+        line = f"{tokens:>6} tokens: streamtune/bound = {r['step_s'] / bound:.2f} (target <= 1.15; bound = " \
+               f"max(resident {_fmt(resident, '.3f')} s, streamed bytes / pinned H2D {(r.get('h2d_bytes') or 0) / h2d:.3f} s))"
+        for base in ("accelerate", "fsdp2"):
+            other = (by.get((base, tokens)) or {}).get("tok_s")
+            if other:
+                line += f"; x{r['tok_s'] / other:.1f} {base}"
+        lines.append(line)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamtune bench")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_child(args) if args.child else run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

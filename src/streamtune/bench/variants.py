@@ -1,0 +1,185 @@
+"""The timed variants of ``streamtune bench``, each run in its own process by ``bench.run``.
+
+- ``streamtune``: our engine under the GPU cap, placement from the planner at each token count;
+  then ``resident``: the same weights decoded onto the uncapped GPU (no second host copy).
+- ``accelerate``: the stock recipe, transformers + accelerate device_map CPU offload + peft LoRA
+  (on the GPU-resident layers only: LoRA on an offloaded layer crashes, see compat N1/P8) +
+  gradient checkpointing, HF's own loss.
+- ``fsdp2``: PyTorch FSDP2 ``fully_shard`` per decoder layer with ``CPUOffloadPolicy(pin_memory=True)``
+  on one GPU, LoRA on every layer, HF gradient checkpointing and HF's own (unchunked) loss.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from streamtune.bench.common import (
+    GIB, StepResult, attach_lora, bench_config, build_random_model, cap_gpu_memory, random_batch, timed_steps,
+)
+
+
+def _adamw(model: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
+def _our_step(model: Any, adapter: Any, batch: dict, opt: Any, chunk_tokens: int) -> Any:
+    from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+
+    loss = lm_loss_sum(model, adapter, batch, chunk_tokens) / max(1, count_valid_tokens(batch["labels"]))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _hf_step(model: Any, batch: dict, opt: Any) -> Any:
+    loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _run_lengths(name: str, tokens_list: list[int], num_steps: int, step_for: Any, before: Any = None,
+                 after: Any = None) -> list[StepResult]:
+    """Time ``step_for(tokens)`` at each length; ``before``/``after(tokens)`` return extra fields."""
+    results = []
+    for tokens in tokens_list:
+        result = StepResult(name, tokens)
+        try:
+            extra = before(tokens) if before else {}
+            torch.cuda.reset_peak_memory_stats()
+            step_s, loss = timed_steps(step_for(tokens), num_steps)
+            result.step_s, result.tok_s, result.loss = step_s, tokens / step_s, loss
+            result.gpu_peak_bytes = torch.cuda.max_memory_allocated()
+            result.extra.update(extra or {})
+            result.extra.update(after(tokens) if after else {})
+        except torch.OutOfMemoryError as exc:
+            result.error = "OOM: " + str(exc).splitlines()[0][:160]
+        except Exception as exc:  # a baseline that crashes is a result, not a benchmark failure
+            result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        torch.cuda.empty_cache()
+        print(f"[bench] {result.to_dict()}", flush=True)
+        results.append(result)
+    return results
+
+
+def run_streamtune(args: Any) -> list[StepResult]:
+    """Our engine under the cap at each length, then the same model resident on the uncapped GPU."""
+    from streamtune.models.adapters import adapter_for
+    from streamtune.offload import StreamEngine
+    from streamtune.plan import make_plan
+
+    config = bench_config(args.model, args.num_layers)
+    adapter = adapter_for(config)
+    model = attach_lora(build_random_model(config), args.lora_rank)
+    budget = int(args.gpu_budget_gib * GIB)
+    cap_gpu_memory(budget)
+    engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
+                          num_slots=args.ring_slots, prefetch=args.prefetch)
+    opt = _adamw(model)
+    link = args.link_profile
+
+    def place(tokens: int) -> dict:
+        plan = make_plan(config, codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
+                         gpu_budget_bytes=budget, ring_slots=args.ring_slots, link=link,
+                         loss_chunk_tokens=args.loss_chunk_tokens, suggest=False)
+        engine.set_streamed(plan.streamed_indices)
+        engine.step_metrics()
+        return {"num_streamed": len(plan.streamed_indices), "predicted_step_s": plan.step_seconds,
+                "predicted_gpu_peak_bytes": plan.gpu_peak_bytes, "limited_by": plan.limited_by,
+                "plan_fits": plan.fits}
+
+    def step_for(tokens: int) -> Any:
+        batch = random_batch(tokens, config.vocab_size, "cuda")
+        return lambda: _our_step(model, adapter, batch, opt, args.loss_chunk_tokens)
+
+    results = _run_lengths("streamtune", args.tokens, args.steps, step_for, place,
+                           lambda tokens: {"transfer": engine.step_metrics()})
+    for result in results:
+        _attach_transfer(result, engine, args.steps + 1)
+    # Resident: decode every layer onto the uncapped GPU (the host buffers are the only copy).
+    cap_gpu_memory(None)
+    engine.set_streamed([])
+    results += _run_lengths("resident", args.tokens, args.steps, step_for)
+    return results
+
+
+def _attach_transfer(result: StepResult, engine: Any, num_steps: int) -> None:
+    metrics = result.extra.pop("transfer", None)
+    if metrics:
+        result.h2d_bytes = metrics["h2d_bytes"] / num_steps
+        result.h2d_gbps = metrics["h2d_gbps"]
+        result.copy_wait_s = metrics["copy_wait_s"] / num_steps
+
+
+def run_accelerate(args: Any) -> list[StepResult]:
+    """The stock recipe: accelerate device_map CPU offload, LoRA on GPU-resident layers only."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    config = bench_config(args.model, args.num_layers)
+    model = build_random_model(config)
+    layer_cls = type(model.model.layers[0])
+    weights_budget = max(1, int(args.gpu_budget_gib - args.accelerate_headroom_gib))
+    device_map = infer_auto_device_map(model, max_memory={0: f"{weights_budget}GiB", "cpu": "1000GiB"},
+                                       no_split_module_classes=[layer_cls.__name__], dtype=torch.bfloat16)
+    on_gpu = sorted(int(k.split(".")[2]) for k, v in device_map.items()
+                    if k.startswith("model.layers.") and v == 0 and k.count(".") == 2)
+    print(f"[bench] accelerate keeps layers {on_gpu} on the GPU", flush=True)
+    model = dispatch_model(model, device_map=device_map, main_device=0)
+    cap_gpu_memory(int(args.gpu_budget_gib * GIB))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = attach_lora(model, args.lora_rank, layers=on_gpu or [0])
+    opt = _adamw(model)
+
+    def step_for(tokens: int) -> Any:
+        batch = random_batch(tokens, config.vocab_size, "cuda")
+        return lambda: _hf_step(model, batch, opt)
+
+    results = _run_lengths("accelerate", args.tokens, args.baseline_steps, step_for)
+    for result in results:
+        result.extra["lora_layers"] = len(on_gpu)
+    return results
+
+
+def run_fsdp2(args: Any) -> list[StepResult]:
+    """FSDP2 with pinned CPU offload on one GPU (world size 1)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    config = bench_config(args.model, args.num_layers)
+    model = attach_lora(build_random_model(config), args.lora_rank)
+    base = model.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    policy = CPUOffloadPolicy(pin_memory=True)
+    start = time.perf_counter()
+    for layer in base.model.layers:
+        fully_shard(layer, offload_policy=policy)
+    fully_shard(model, offload_policy=policy)
+    shard_s = time.perf_counter() - start
+    print(f"[bench] fsdp2 sharded (pinned) in {shard_s:.1f} s", flush=True)
+    cap_gpu_memory(int(args.gpu_budget_gib * GIB))
+    opt = _adamw(model)
+
+    def step_for(tokens: int) -> Any:
+        batch = random_batch(tokens, config.vocab_size, "cuda")
+        return lambda: _hf_step(model, batch, opt)
+
+    results = _run_lengths("fsdp2", args.tokens, args.baseline_steps, step_for)
+    for result in results:
+        result.extra["shard_s"] = shard_s
+    dist.destroy_process_group()
+    return results
+
+
+VARIANTS = {"streamtune": run_streamtune, "accelerate": run_accelerate, "fsdp2": run_fsdp2}

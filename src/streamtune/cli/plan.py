@@ -1,0 +1,88 @@
+"""``streamtune plan MODEL``: will it fit, where does each layer live, how fast will a step be."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from streamtune.errors import InputError
+
+EPILOG = """\
+speeds: measured ones from `streamtune bench --link` (cached in ~/.cache/streamtune/link.json) unless --gpu
+names a default profile. Exit code 2 when the run would not fit (the message says by how much and which
+knob fixes it); with --json the JSON is printed first ("fits": false, "suggestions").
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argparse.ArgumentParser:
+    from streamtune.models.presets import PRESETS
+    from streamtune.plan.profiles import GPU_PROFILES
+
+    p = subparsers.add_parser("plan", help=help_text, description=help_text, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help=f"local HF checkpoint directory (config.json is read) or a preset: "
+                                                  f"{', '.join(PRESETS)}")
+    p.add_argument("--gpu-memory", help="GPU budget, e.g. 24GiB (default: the GPU profile's memory)")
+    p.add_argument("--host-memory", help="host RAM budget, e.g. 64GiB (default: this machine's RAM)")
+    p.add_argument("--codec", default="bf16", choices=("bf16", "int8", "nf4"), help="codec of frozen weights")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per micro-batch (batch_size x seq_len)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r")
+    p.add_argument("--lora-targets", default="auto",
+                   help="auto, or comma-separated module names (e.g. q_proj,v_proj)")
+    p.add_argument("--lora-target-parameters", default="",
+                   help="comma-separated fused parameters, e.g. experts.gate_up_proj,experts.down_proj")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="plan without recomputation")
+    p.add_argument("--stream", default="auto", choices=("auto", "all", "none"), help="streamed decoder layers")
+    p.add_argument("--ring-slots", type=int, default=2, help="GPU ring slots for streamed layers")
+    p.add_argument("--loss-chunk-tokens", type=int, default=1024, help="tokens per LM-head loss chunk")
+    p.add_argument("--gpu", choices=sorted(GPU_PROFILES), type=str.lower,
+                   help="named speed profile instead of the measured one")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(command="plan")
+    return p
+
+
+def _size(text: str | None, flag: str) -> int | None:
+    from streamtune.config import parse_bytes
+
+    if text is None:
+        return None
+    try:
+        value = parse_bytes(text)
+    except ValueError as exc:
+        raise InputError(f"{flag}: {exc}") from exc
+    if value <= 0:
+        raise InputError(f"{flag}: {text!r} must be positive")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan; exit 2 when it does not fit.
+
+    Raises:
+        InputError: bad option values, unknown model, or the run would not fit (table mode).
+    """
+    import psutil
+
+    from streamtune.plan import format_table, make_plan
+
+    host = _size(args.host_memory, "--host-memory")
+    plan = make_plan(
+        args.model, codec=args.codec, tokens=args.tokens, lora_rank=args.lora_rank,
+        lora_targets="auto" if args.lora_targets == "auto" else _names(args.lora_targets),
+        lora_target_parameters=_names(args.lora_target_parameters),
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        gpu_budget_bytes=_size(args.gpu_memory, "--gpu-memory"),
+        host_budget_bytes=host if host is not None else int(psutil.virtual_memory().total),
+        stream=args.stream, ring_slots=args.ring_slots, loss_chunk_tokens=args.loss_chunk_tokens, gpu=args.gpu,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0 if plan.fits else 2
+    plan.check()
+    print(format_table(plan))
+    return 0

@@ -1,0 +1,164 @@
+"""GPU and host memory model of one training step. All results in bytes.
+
+Assumptions (each is one function, so the device benchmark can calibrate it):
+
+- Activations are bf16 (2 bytes); LoRA weights fp32 with fp32 grads and two fp32 AdamW states (16 B each).
+- Gradient checkpointing is non-reentrant and per decoder layer: the forward keeps each layer's input;
+  the backward recomputes one layer at a time, so only the worst layer's working set is live at once.
+- A fused expert parameter adapted by LoRA is folded by PEFT into a bf16 copy ``W + B@A`` on every forward
+  and receives a full-size bf16 weight gradient in the backward.
+- The LM-head loss runs in chunks of ``loss_chunk_tokens`` with fp32 logits, their softmax and their gradient.
+- Resident decoder layers keep their weights on the GPU in the codec; with int8/nf4 they are decoded just in
+  time into one shared bf16 workspace of the largest resident layer's size.
+- The CUDA context (0.5 GiB) lives outside torch's allocator; allocator slack is 5 % of the allocated peak.
+"""
+
+from __future__ import annotations
+
+from streamtune.plan.sizing import LayerSize, ModelSize
+
+GIB = 2**30
+ACT_BYTES = 2
+LORA_STATE_BYTES_PER_PARAM = 16
+CUDA_CONTEXT_BYTES = GIB // 2
+ALLOCATOR_SLACK_FRACTION = 0.05
+LOGITS_COPIES = 3
+HOST_RUNTIME_BYTES = 2 * GIB
+MASK_COPIES = 3
+
+
+def boundary_activation_bytes(model: ModelSize, tokens: int) -> int:
+    """Decoder-layer inputs kept by checkpointing: ``num_layers * tokens * hidden * 2``."""
+    return model.num_layers * tokens * model.hidden * ACT_BYTES
+
+
+def layer_saved_activation_bytes(layer: LayerSize, tokens: int) -> int:
+    """Tensors autograd keeps for one decoder layer's backward (bf16 unless noted).
+
+    Norms (RMSNorm, q/k/v norms): the fp32 input and the normalised value (see ``LayerShape.norm_elements``).
+    Attention: projected q/k/v, the attention inputs q/k/v, its output, the residual and fp32 log-sum-exp.
+    Dense MLP: gate, up, activation, product (4 x width). MoE: fp32 router logits and probabilities, and
+    per routed token (top_k per token) the permuted input, gate_up output, activation, product, down
+    output and weighted output (3 x hidden + 4 x expert FFN).
+    """
+    s = layer.shape
+    per_token = s.norm_elements + 3 * s.q_width + 2 * s.kv_width + s.hidden + 4 * s.dense_width
+    if s.num_experts:
+        per_token += 4 * s.num_experts + s.top_k * (3 * s.hidden + 4 * s.expert_ffn)
+    lse_bytes = 4 * s.num_heads * tokens
+    return per_token * tokens * ACT_BYTES + lse_bytes
+
+
+def layer_backward_transient_bytes(layer: LayerSize, tokens: int) -> int:
+    """Gradients of activations live while one layer runs backward: two of its widest activation."""
+    s = layer.shape
+    widest = max(s.hidden, s.q_width, 2 * s.dense_width, s.top_k * 2 * s.expert_ffn, s.top_k * s.hidden)
+    return 2 * widest * tokens * ACT_BYTES
+
+
+def lora_fold_bytes(layer: LayerSize) -> int:
+    """PEFT's folded fused weights of one layer plus the largest full-size weight gradient."""
+    return layer.lora_folded_bytes + layer.lora_folded_max_bytes
+
+
+def attention_mask_bytes(model: ModelSize, tokens: int) -> int:
+    """Additive bf16 ``tokens x tokens`` masks built once per step when some layers use a sliding window
+    (three were measured for Gemma4 on the CPU); full causal attention alone uses none."""
+    sliding = any("sliding" in t for t in model.layer_types)
+    return MASK_COPIES * tokens * tokens * ACT_BYTES if sliding else 0
+
+
+def layer_recompute_bytes(layer: LayerSize, tokens: int) -> int:
+    """Working set of recomputing and back-propagating one layer."""
+    return (layer_saved_activation_bytes(layer, tokens) + layer_backward_transient_bytes(layer, tokens)
+            + lora_fold_bytes(layer))
+
+
+def loss_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int) -> int:
+    """Chunked LM-head loss: fp32 logits of one chunk, their softmax and gradient (``chunk * vocab * 4 * 3``)."""
+    chunk = min(tokens, loss_chunk_tokens)
+    return chunk * model.vocab * 4 * LOGITS_COPIES
+
+
+def activation_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int, checkpointing: bool) -> dict[str, int]:
+    """Activation components at ``tokens`` tokens per micro-batch.
+
+    Returns:
+        ``boundaries`` (kept layer inputs, or every layer's saved tensors without checkpointing),
+        ``recompute`` (the worst layer's working set), ``loss`` and ``masks``.
+    """
+    worst = max(model.layers, key=lambda layer: layer_recompute_bytes(layer, tokens))
+    if checkpointing:
+        kept = boundary_activation_bytes(model, tokens)
+        recompute = layer_recompute_bytes(worst, tokens)
+    else:
+        kept = sum(layer_saved_activation_bytes(layer, tokens) + lora_fold_bytes(layer) for layer in model.layers)
+        recompute = layer_backward_transient_bytes(worst, tokens) + worst.lora_folded_max_bytes
+    return {
+        "boundaries": kept,
+        "recompute": recompute,
+        "loss": loss_bytes(model, tokens, loss_chunk_tokens),
+        "masks": attention_mask_bytes(model, tokens),
+    }
+
+
+def lora_state_bytes(model: ModelSize) -> int:
+    """LoRA parameters, gradients and AdamW states in fp32: 16 bytes per trainable parameter."""
+    return model.lora_params * LORA_STATE_BYTES_PER_PARAM
+
+
+def ring_bytes(streamed: list[LayerSize], ring_slots: int, codec: str) -> int:
+    """GPU ring: ``ring_slots`` slots of the largest streamed layer, encoded (the engine's SlotRing)."""
+    if not streamed or ring_slots <= 0:
+        return 0
+    return ring_slots * max(layer.encoded_bytes for layer in streamed)
+
+
+def resident_layer_bytes(resident: list[LayerSize]) -> int:
+    """Resident decoder layers, kept in the codec's encoding."""
+    return sum(layer.encoded_bytes for layer in resident)
+
+
+def decode_workspace_bytes(layers: list[LayerSize], codec: str) -> int:
+    """The one bf16 decode workspace that streamed and resident layers share (int8/nf4 only).
+
+    Only one decoder layer is bound at a time, so one workspace of the largest layer's
+    compressed tensors serves all of them.
+    """
+    if codec == "bf16" or not layers:
+        return 0
+    return max(layer.decoded_bytes for layer in layers)
+
+
+def gpu_components_bytes(
+    model: ModelSize, resident: list[LayerSize], streamed: list[LayerSize], ring_slots: int, codec: str,
+    tokens: int, loss_chunk_tokens: int, checkpointing: bool,
+) -> dict[str, int]:
+    """Every GPU memory component of a step, in bytes (the peak is their sum)."""
+    parts = {
+        "embeddings_head_norm": model.resident_other_bytes,
+        "resident_layers": resident_layer_bytes(resident),
+        "decode_workspace": decode_workspace_bytes(resident + streamed, codec),
+        "ring": ring_bytes(streamed, ring_slots, codec),
+        "lora_state": lora_state_bytes(model),
+    }
+    for key, value in activation_bytes(model, tokens, loss_chunk_tokens, checkpointing).items():
+        parts[f"activations_{key}"] = value
+    parts["allocator_slack"] = int(sum(parts.values()) * ALLOCATOR_SLACK_FRACTION)
+    parts["cuda_context"] = CUDA_CONTEXT_BYTES
+    return parts
+
+
+def host_components_bytes(model: ModelSize, streamed: list[LayerSize]) -> dict[str, int]:
+    """Host memory: pinned packed buffers of every decoder layer, loading staging, process runtime.
+
+    The engine keeps the one host copy of every layer (resident ones too), so it can re-place
+    layers without reloading; ``streamed`` does not change the host footprint.
+    """
+    largest_layer = max((layer.plain_bytes for layer in model.layers), default=0)
+    largest_other = max((t.plain_bytes for t in model.other), default=0)
+    return {
+        "pinned_weights": sum(layer.encoded_bytes for layer in model.layers),
+        "staging": max(largest_layer, largest_other),
+        "runtime": HOST_RUNTIME_BYTES,
+    }

@@ -1,0 +1,116 @@
+"""Step-time model: compute (roofline per decoder layer and pass) against streamed bytes over the link.
+
+FLOPs per token of a decoder layer's matmuls: 2 x its active parameters (attention, dense MLP, router,
+top_k / num_experts of the experts). Per step, with LoRA the frozen base needs no weight gradient:
+
+- forward: 2 x active x tokens;
+- backward: recompute 2 (with gradient checkpointing) + input gradient 2, so 6 x active x tokens in all
+  (4 without checkpointing). A LoRA-adapted fused expert parameter also gets a full weight gradient
+  (+2 x its active share) and PEFT's fold ``W + B@A`` (2 x r x numel per fold, one per forward/recompute,
+  two more in the backward).
+- attention scores: 4 x tokens x context x q width per forward (context = tokens / 2 causal, capped by the
+  sliding window); the backward costs twice the forward.
+- LoRA's own matmuls: 2 x LoRA params x tokens per pass (an upper bound for fused-parameter adapters).
+- LM head: 2 x hidden x vocab per token forward, the same again for its input gradient.
+
+A layer pass takes max(FLOPs / matmul speed, weight bytes read / HBM speed) plus a fixed overhead
+(``LAYER_PASS_OVERHEAD_S``): at small token counts the expert weights make MoE layers memory-bound, and
+expert GEMMs run at ``EXPERT_MATMUL_EFFICIENCY`` of the matmul speed. int8/nf4 add one dequantisation of every layer per pass
+(forward; recompute + backward share one). Per pass, step time is max(compute, streamed bytes / H2D):
+streamed layers are spread between resident ones, so copies overlap compute.
+"""
+
+from __future__ import annotations
+
+from streamtune.plan.profiles import LinkProfile
+from streamtune.plan.sizing import LayerSize, ModelSize
+
+TFLOP = 1e12
+GB = 1e9
+# Calibration (stock HF Gemma4-26B-A4B, fully resident on an H200: 0.6 s/step at 64 tokens, 0.9 s at 2048):
+# fixed time of one decoder layer pass (kernel launches, routing, Python), and the share of the matmul
+# speed grouped expert GEMMs reach. The device benchmark refines both.
+LAYER_PASS_OVERHEAD_S = 0.006
+EXPERT_MATMUL_EFFICIENCY = 0.25
+
+
+def attention_flops(layer: LayerSize, tokens: int) -> float:
+    """Score and value matmul FLOPs of one forward of one layer's attention."""
+    context = tokens / 2
+    if layer.shape.window:
+        context = min(context, layer.shape.window)
+    return 4.0 * tokens * context * layer.shape.q_width
+
+
+def layer_flops(layer: LayerSize, tokens: int, rank: int) -> dict[str, float]:
+    """Matmul-speed-equivalent FLOPs of one layer per pass: ``forward`` (also the recompute) and ``backward``.
+
+    Expert FLOPs are divided by ``EXPERT_MATMUL_EFFICIENCY`` (grouped GEMMs of ~tokens x top_k / E rows
+    run far below a large matmul's speed).
+    """
+    s = layer.shape
+    expert_share = s.top_k / s.num_experts if s.num_experts else 0.0
+    expert_active = s.expert_params * expert_share / EXPERT_MATMUL_EFFICIENCY
+    active = s.attention_params + s.dense_params + s.router_params + expert_active
+    attention = attention_flops(layer, tokens)
+    folded_params = layer.lora_folded_bytes / 2
+    fold = 2.0 * rank * folded_params
+    linear_lora = 2.0 * layer.lora_params * tokens
+    forward = 2.0 * active * tokens + attention + fold + linear_lora
+    weight_grad = 2.0 * folded_params * expert_share / EXPERT_MATMUL_EFFICIENCY * tokens
+    backward = 2.0 * active * tokens + 2 * attention + weight_grad + 2 * fold + 2 * linear_lora
+    return {"forward": forward, "backward": backward}
+
+
+def layer_pass_seconds(flops: float, bytes_read: float, link: LinkProfile) -> float:
+    """Roofline time of one layer pass."""
+    return max(flops / (link.matmul_tflops * TFLOP), bytes_read / (link.hbm_gbps * GB))
+
+
+def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkpointing: bool,
+                    link: LinkProfile) -> dict[str, float]:
+    """GPU time of the ``forward`` and ``backward`` passes and the ``optimizer`` step, in seconds."""
+    forward = backward = 0.0
+    dequant = link.dequant_gbps_for(codec) * GB
+    for layer in model.layers:
+        flops = layer_flops(layer, tokens, rank)
+        weights = layer.plain_bytes
+        fold_bytes = 2.0 * layer.lora_folded_bytes
+        decode = sum(t.plain_bytes for t in layer.tensors if t.compressed) / dequant
+        forward += layer_pass_seconds(flops["forward"], weights + fold_bytes, link) + decode
+        backward += layer_pass_seconds(flops["backward"], weights + 2 * fold_bytes, link) + decode
+        if checkpointing:
+            backward += layer_pass_seconds(flops["forward"], weights + fold_bytes, link)
+        forward += LAYER_PASS_OVERHEAD_S
+        backward += LAYER_PASS_OVERHEAD_S * (2 if checkpointing else 1)
+    head_flops = 2.0 * model.hidden * model.vocab * tokens
+    head_bytes = model.hidden * model.vocab * 2
+    forward += layer_pass_seconds(head_flops, head_bytes, link)
+    backward += layer_pass_seconds(head_flops, head_bytes, link)
+    optimizer = model.lora_params * 16 * 2 / (link.hbm_gbps * GB)
+    return {"forward": forward, "backward": backward, "optimizer": optimizer}
+
+
+def transfer_seconds(streamed: list[LayerSize], ring_slots: int, link: LinkProfile) -> dict[str, float]:
+    """H2D copy time of the ``forward`` (every streamed layer) and ``backward`` (all but the last
+    ``ring_slots`` streamed layers of the forward, which the backward reuses in place)."""
+    rate = link.h2d_gbps * GB
+    forward = sum(layer.encoded_bytes for layer in streamed) / rate
+    reused = streamed[len(streamed) - min(ring_slots, len(streamed)):]
+    backward = forward - sum(layer.encoded_bytes for layer in reused) / rate
+    return {"forward": forward, "backward": backward}
+
+
+def step_estimate(compute: dict[str, float], transfer: dict[str, float], tokens: int) -> dict[str, float | str]:
+    """Step time (per pass max of compute and transfer), tokens/s and the limiting side."""
+    passes = ("forward", "backward")
+    step = sum(max(compute[p], transfer[p]) for p in passes) + compute["optimizer"]
+    compute_total = sum(compute[p] for p in passes)
+    transfer_total = sum(transfer[p] for p in passes)
+    return {
+        "step_seconds": step,
+        "tokens_per_second": tokens / step if step > 0 else 0.0,
+        "limited_by": "transfer" if transfer_total > compute_total else "compute",
+        "compute_seconds": compute_total + compute["optimizer"],
+        "transfer_seconds": transfer_total,
+    }

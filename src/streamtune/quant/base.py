@@ -1,0 +1,176 @@
+"""The codec interface, part specs, and helpers shared by the codecs.
+
+A codec turns one frozen tensor into named *parts* (plain contiguous tensors) and back. Parts are what
+the engine packs, byte range by byte range, into one flat ``uint8`` buffer per decoder layer; a
+decoder reads them back from views of that buffer (``buf[off:off + n].view(dtype).view(shape)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One encoded part of a tensor: a name, a dtype and a shape.
+
+    Attributes:
+        name: key of the part in the dict ``Codec.encode`` returns.
+        dtype: element type of the part.
+        shape: shape of the part.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the part."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the part in bytes."""
+        return self.numel * self.dtype.itemsize
+
+
+class Codec:
+    """Base class of the transfer codecs.
+
+    Attributes:
+        name: registry name (``"bf16"``, ``"int8"``, ``"nf4"``, ...).
+        is_identity: True when the stored part is the tensor itself (no decode work; the engine binds
+            parameters straight to the slot bytes).
+    """
+
+    name: str = ""
+    is_identity: bool = False
+
+    def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[PartSpec]:
+        """The parts ``encode`` produces for a tensor of ``shape`` and ``dtype``; pure arithmetic.
+
+        Raises:
+            ValueError: ``dtype`` is not a floating dtype or ``shape`` has a negative dimension.
+        """
+        raise NotImplementedError
+
+    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encode ``tensor`` (on the CPU) into contiguous parts matching ``layout``.
+
+        Raises:
+            ValueError: the tensor's dtype is not floating.
+        """
+        raise NotImplementedError
+
+    def decode(
+        self,
+        parts: dict[str, torch.Tensor],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decode ``parts`` into a tensor of ``shape`` and ``dtype`` on the parts' device.
+
+        Args:
+            parts: the parts, as ``encode`` returned them or as views of a packed buffer.
+            shape: shape of the decoded tensor (the original shape).
+            dtype: dtype of the decoded tensor (normally the original dtype).
+            out: tensor to write into (same shape and dtype, same device as the parts); allocated
+                when None.
+
+        Raises:
+            ValueError: a part is missing or has the wrong dtype/shape, or ``out`` does not match.
+        """
+        raise NotImplementedError
+
+    def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Total bytes of the encoded parts (no alignment padding)."""
+        return sum(spec.nbytes for spec in self.layout(shape, dtype))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def normalize_shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints.
+
+    Raises:
+        ValueError: a dimension is negative or not an integer.
+    """
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims) or any(int(d) != d for d in shape):
+        raise ValueError(f"shape {tuple(shape)} is not a valid tensor shape (dims must be integers >= 0)")
+    return dims
+
+
+def check_float_dtype(dtype: torch.dtype, what: str = "dtype") -> None:
+    """Raise unless ``dtype`` is a floating dtype a codec can encode.
+
+    Raises:
+        ValueError: ``dtype`` is not one of bfloat16, float16, float32, float64.
+    """
+    if dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise ValueError(f"{what} {dtype} cannot be encoded; allowed: {allowed}")
+
+
+def check_parts(codec: Codec, parts: dict[str, torch.Tensor], shape, dtype) -> list[PartSpec]:
+    """Check that ``parts`` match ``codec.layout(shape, dtype)`` (metadata only, no data read).
+
+    Raises:
+        ValueError: a part is missing, or its dtype or shape differs from the layout.
+    """
+    specs = codec.layout(shape, dtype)
+    for spec in specs:
+        part = parts.get(spec.name)
+        if part is None:
+            raise ValueError(f"codec {codec.name!r}: part {spec.name!r} is missing (got {sorted(parts)})")
+        if part.dtype != spec.dtype or tuple(part.shape) != spec.shape:
+            raise ValueError(
+                f"codec {codec.name!r}: part {spec.name!r} is {part.dtype} {tuple(part.shape)}, "
+                f"layout wants {spec.dtype} {spec.shape}"
+            )
+        if not part.is_contiguous():
+            raise ValueError(f"codec {codec.name!r}: part {spec.name!r} must be contiguous")
+    return specs
+
+
+def check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+    """Check the ``out`` argument of ``decode``.
+
+    Raises:
+        ValueError: ``out`` has another shape, dtype or device, is not contiguous, or requires grad.
+    """
+    if out is None:
+        return
+    if tuple(out.shape) != shape or out.dtype != dtype:
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, decode wants {dtype} {shape}")
+    if out.device != torch.device(device):
+        raise ValueError(f"out is on {out.device}, the parts are on {device}; decode on the parts' device")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if out.requires_grad:
+        raise ValueError("out requires grad; decode frozen weights into a buffer with requires_grad=False")
+
+
+def part_device(parts: dict[str, torch.Tensor]) -> torch.device:
+    """The device of the parts (they must share one).
+
+    Raises:
+        ValueError: there are no parts, or they lie on different devices.
+    """
+    devices = {p.device for p in parts.values()}
+    if len(devices) != 1:
+        raise ValueError(f"parts must lie on exactly one device, got {sorted(map(str, devices))}")
+    return devices.pop()
+
+
+def rows_per_chunk(row_numel: int, max_chunk_numel: int) -> int:
+    """How many rows of ``row_numel`` elements fit in a chunk of ``max_chunk_numel`` (at least 1)."""
+    return max(1, max_chunk_numel // max(1, row_numel))

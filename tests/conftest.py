@@ -1,0 +1,44 @@
+"""Shared fixtures: a small, fast run config on the bundled dataset (CPU, tiny models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_DATA = REPO / "examples" / "data" / "quickstart.jsonl"
+
+
+def small_run_dict(run_dir: Path, **sections: dict) -> dict:
+    """A run that trains tiny-gemma4 for a few short steps on the bundled data."""
+    raw = {
+        "model": {"name": "tiny-gemma4"},
+        "data": {"path": str(QUICKSTART_DATA), "format": "alpaca", "seq_len": 64},
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"max_steps": 4, "lr": 3e-3, "warmup_steps": 1, "batch_size": 2, "grad_accum": 2,
+                  "device": "cpu", "loss_chunk_tokens": 32},
+        "output": {"dir": str(run_dir), "progress": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """``write_config(**sections) -> path`` of a YAML config whose run dir is ``tmp_path/run``."""
+
+    def _write(name: str = "run.yaml", **sections: dict) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(small_run_dict(tmp_path / "run", **sections)))
+        return path
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def run_dict():
+    """:func:`small_run_dict`, for tests that build configs themselves."""
+    return small_run_dict

@@ -1,0 +1,197 @@
+"""Placement, memory components, step time, errors and JSON of the planner."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from streamtune.errors import InputError
+from streamtune.plan import GPU_PROFILES, even_indices, format_table, make_plan
+from streamtune.plan import memory, planner
+from streamtune.plan.profiles import replace
+
+GIB = 2**30
+BIG = "gemma4-26b-a4b"
+
+
+def _plan(**kwargs):
+    kwargs.setdefault("gpu", "rtx4090")
+    kwargs.setdefault("host_budget_bytes", 512 * GIB)
+    return make_plan(BIG, **kwargs)
+
+
+@pytest.mark.parametrize("num_layers,count", [(30, 1), (30, 7), (30, 22), (30, 30), (48, 13), (4, 3)])
+def test_even_indices_are_spread(num_layers, count):
+    idx = even_indices(num_layers, count)
+    assert idx == sorted(set(idx)) and len(idx) == count
+    assert 0 <= idx[0] and idx[-1] < num_layers
+    stretch = num_layers / count
+    for j, i in enumerate(idx):
+        assert j * stretch <= i < (j + 1) * stretch
+
+
+def test_auto_streams_the_fewest_layers_that_fit():
+    plan = _plan(codec="int8", gpu_budget_bytes=24 * GIB)
+    num = len(plan.streamed_indices)
+    assert 0 < num < 30 and plan.fits
+    assert plan.streamed_indices == even_indices(30, num)
+    assert sorted(plan.streamed_indices + plan.resident_indices) == list(range(30))
+    sized = planner.size_model(planner._META_CACHE[BIG][0], "int8", 16,
+                               planner._targets(planner._META_CACHE[BIG][0], "auto"), [],
+                               model=planner._META_CACHE[BIG][1])
+    settings = planner._Settings("int8", 2048, 16, True, "auto", 2, 1024)
+    _, _, fewer = planner._evaluate(sized, settings, num - 1)
+    assert sum(fewer.values()) > 24 * GIB
+    assert [x.placement for x in plan.layers].count("streamed") == num
+
+
+def test_more_budget_streams_fewer_layers_and_is_not_slower():
+    small, large = _plan(gpu_budget_bytes=16 * GIB), _plan(gpu_budget_bytes=40 * GIB)
+    assert len(large.streamed_indices) < len(small.streamed_indices)
+    assert large.step_seconds <= small.step_seconds
+
+
+def test_stream_modes():
+    every = _plan(stream="all", gpu_budget_bytes=80 * GIB)
+    assert every.streamed_indices == list(range(30)) and every.ring_slots == 2
+    none = _plan(stream="none", codec="nf4", gpu_budget_bytes=80 * GIB)
+    assert none.streamed_indices == [] and none.ring_slots == 0 and none.gpu_bytes["ring"] == 0
+
+
+def test_gpu_components_follow_the_engine_layout():
+    for codec in ("bf16", "int8"):
+        plan = _plan(codec=codec, gpu_budget_bytes=20 * GIB)
+        streamed = [x for x in plan.layers if x.placement == "streamed"]
+        resident = [x for x in plan.layers if x.placement == "resident"]
+        sized = {x.index: x for x in planner.size_model(
+            planner._META_CACHE[BIG][0], codec, 16, planner._targets(planner._META_CACHE[BIG][0], "auto"), [],
+            model=planner._META_CACHE[BIG][1]).layers}
+        assert plan.gpu_bytes["ring"] == 2 * max(x.bytes for x in streamed)
+        workspace = max(sized[x.index].decoded_bytes for x in plan.layers) if codec != "bf16" else 0
+        assert plan.gpu_bytes["decode_workspace"] == workspace
+        assert plan.gpu_bytes["resident_layers"] == sum(x.bytes for x in resident)
+        assert (plan.gpu_bytes["decode_workspace"] > 0) == (codec != "bf16")
+        assert plan.host_bytes["pinned_weights"] == sum(x.bytes for x in plan.layers)
+        assert plan.gpu_bytes["cuda_context"] == memory.CUDA_CONTEXT_BYTES
+        assert plan.gpu_peak_bytes == sum(plan.gpu_bytes.values())
+
+
+def test_compressed_codecs_shrink_host_and_transfer():
+    plans = {c: _plan(codec=c, stream="all", gpu_budget_bytes=80 * GIB) for c in ("bf16", "int8", "nf4")}
+    assert plans["bf16"].host_peak_bytes > plans["int8"].host_peak_bytes > plans["nf4"].host_peak_bytes
+    transfer = {c: p.timing["transfer_seconds"] for c, p in plans.items()}
+    assert transfer["bf16"] > transfer["int8"] > transfer["nf4"]
+
+
+def test_step_time_is_per_pass_max_and_names_the_limit():
+    slow_link = replace(GPU_PROFILES["h100"], h2d_gbps=1.0)
+    fast_link = replace(GPU_PROFILES["h100"], h2d_gbps=1e6)
+    slow = _plan(stream="all", link=slow_link, gpu_budget_bytes=80 * GIB)
+    fast = _plan(stream="all", link=fast_link, gpu_budget_bytes=80 * GIB)
+    assert slow.limited_by == "transfer" and fast.limited_by == "compute"
+    for plan in (slow, fast):
+        t = plan.timing
+        expected = (max(t["compute_forward_seconds"], t["transfer_forward_seconds"])
+                    + max(t["compute_backward_seconds"], t["transfer_backward_seconds"])
+                    + t["compute_optimizer_seconds"])
+        assert plan.step_seconds == pytest.approx(expected)
+        assert plan.tokens_per_second == pytest.approx(2048 / plan.step_seconds)
+    # The backward reuses the last ring_slots layers of the forward without a copy.
+    assert slow.timing["transfer_backward_seconds"] < slow.timing["transfer_forward_seconds"]
+
+
+def test_checkpointing_costs_a_recompute():
+    on = _plan(codec="nf4", stream="none", gpu_budget_bytes=80 * GIB)
+    off = _plan(codec="nf4", stream="none", gpu_budget_bytes=80 * GIB, gradient_checkpointing=False)
+    assert on.timing["compute_seconds"] > off.timing["compute_seconds"]
+    assert on.gpu_peak_bytes < off.gpu_peak_bytes
+
+
+def test_expert_lora_adds_state_and_fold_memory():
+    base = _plan(codec="nf4", gpu_budget_bytes=80 * GIB)
+    experts = _plan(codec="nf4", gpu_budget_bytes=80 * GIB,
+                    lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    assert experts.lora_trainable_params > 20 * base.lora_trainable_params
+    assert experts.gpu_bytes["lora_state"] == 16 * experts.lora_trainable_params
+    assert experts.gpu_bytes["activations_recompute"] > base.gpu_bytes["activations_recompute"] + GIB
+
+
+def _gib_in(text: str, label: str) -> float:
+    return float(re.search(label + r" ([0-9.]+) GiB", text).group(1))
+
+
+def test_check_says_by_how_much_and_which_knobs_fix_it():
+    plan = _plan(gpu_budget_bytes=8 * GIB)
+    assert not plan.fits
+    with pytest.raises(InputError) as info:
+        plan.check()
+    text = str(info.value)
+    over = (plan.gpu_peak_bytes - plan.gpu_budget_bytes) / GIB
+    assert _gib_in(text, "by") == pytest.approx(over, abs=0.006)
+    assert "tensor group" in text and "knobs that fix it" in text
+    tokens = int(re.search(r"--tokens (\d+)", text).group(1))
+    assert _plan(gpu_budget_bytes=8 * GIB, tokens=tokens).fits_gpu
+    assert not _plan(gpu_budget_bytes=8 * GIB, tokens=tokens * 2).fits_gpu
+    needed = _gib_in(text, "--gpu-memory")
+    assert _plan(gpu_budget_bytes=int((needed + 0.01) * GIB)).fits_gpu
+
+
+def test_codec_knob_and_host_shortfall():
+    plan = _plan(stream="none", gpu_budget_bytes=24 * GIB)
+    text = plan.shortfall_text()
+    assert "--stream auto" in text and "--codec" in text
+    host = _plan(gpu_budget_bytes=24 * GIB, host_budget_bytes=8 * GIB)
+    assert not host.fits_host and "exceeds the host budget" in host.shortfall_text()
+    assert "--host-memory" in host.shortfall_text()
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"codec": "fp8"}, "codec"), ({"tokens": 0}, "tokens"), ({"lora_rank": -1}, "lora_rank"),
+    ({"stream": "some"}, "stream"), ({"ring_slots": 0}, "ring_slots"), ({"gpu": "tpu"}, "--gpu"),
+])
+def test_bad_inputs_name_the_field(kwargs, key):
+    with pytest.raises(InputError, match=re.escape(key)):
+        make_plan("tiny-llama", **kwargs)
+
+
+def test_unknown_model_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="preset"):
+        make_plan("no-such-model")
+    with pytest.raises(InputError, match="config.json"):
+        make_plan(str(tmp_path))
+
+
+def test_local_directory_reads_only_config_json(tmp_path):
+    from streamtune.models.presets import preset_config
+
+    preset_config("tiny-qwen3-moe").save_pretrained(tmp_path)
+    from_dir = make_plan(str(tmp_path), gpu="h100")
+    from_preset = make_plan("tiny-qwen3-moe", gpu="h100")
+    assert [x.bytes for x in from_dir.layers] == [x.bytes for x in from_preset.layers]
+    assert from_dir.lora_trainable_params == from_preset.lora_trainable_params
+
+
+def test_json_keys_and_table():
+    plan = _plan(codec="int8", gpu_budget_bytes=24 * GIB)
+    data = json.loads(json.dumps(plan.to_dict()))
+    for key in ("fits", "gpu_peak_bytes", "host_peak_bytes", "step_seconds", "tokens_per_second", "limited_by",
+                "layers"):
+        assert key in data
+    assert data["limited_by"] in ("compute", "transfer")
+    assert {"index", "placement", "codec", "bytes"} <= set(data["layers"][0])
+    assert {x["placement"] for x in data["layers"]} == {"resident", "streamed"}
+    table = format_table(plan)
+    assert "GPU peak / budget" in table and "limited by" in table and "streamed (" in table
+
+
+def test_plan_for_run_uses_the_config():
+    from streamtune.config import RunConfig
+    from streamtune.plan import plan_for_run
+
+    cfg = RunConfig()
+    cfg.model.name, cfg.data.seq_len, cfg.train.batch_size = "tiny-llama", 256, 2
+    cfg.memory.gpu_budget, cfg.memory.codec, cfg.lora.rank = "2GiB", "int8", 8
+    plan = plan_for_run(cfg, link=GPU_PROFILES["h100"])
+    assert (plan.tokens, plan.codec, plan.lora_rank, plan.gpu_budget_bytes) == (512, "int8", 8, 2 * GIB)

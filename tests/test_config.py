@@ -1,0 +1,135 @@
+"""streamtune.config: loading, overrides, validation (every problem at once), sizes, help."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from streamtune import config
+from streamtune.errors import ConfigError, InputError
+
+
+def _problems(exc_info) -> str:
+    return "\n".join(exc_info.value.problems)
+
+
+def test_load_applies_yaml_and_typed_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny-llama"}, "data": {"path": "d.jsonl"}}))
+    cfg = config.load(path, ["train.lr=1e-4", "lora.targets=[q_proj,v_proj]", "train.max_steps=7",
+                             "output.overwrite=true", "memory.gpu_budget=24GiB"])
+    assert cfg.model.name == "tiny-llama"
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.train.max_steps == 7 and cfg.output.overwrite is True
+    assert config.parse_bytes(cfg.memory.gpu_budget) == 24 * 2**30
+
+
+def test_contract_keys_exist():
+    cfg = config.RunConfig()
+    for dotted in ("model.name", "data.path", "data.format", "lora.rank", "lora.targets", "train.max_steps",
+                   "train.lr", "data.seq_len", "train.batch_size", "train.grad_accum", "memory.gpu_budget",
+                   "memory.codec", "output.dir"):
+        section, key = dotted.split(".")
+        assert hasattr(getattr(cfg, section), key), dotted
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": "tiny-gemma4", "colour": "red"},
+        "data": {"path": "x.jsonl", "format": "csv", "seq_len": 2},
+        "train": {"lr": "fast", "max_steps": 0},
+        "memory": {"codec": "zip", "gpu_budget": "lots"},
+        "extra": {},
+    }))
+    with pytest.raises(ConfigError) as exc_info:
+        config.load(path)
+    text = _problems(exc_info)
+    for key in ("model.colour", "data.format", "data.seq_len", "train.lr", "train.max_steps", "memory.codec",
+                "memory.gpu_budget", "extra: unknown section"):
+        assert key in text, key
+    assert len(exc_info.value.problems) >= 8
+    assert isinstance(exc_info.value, InputError) and exc_info.value.exit_code == 2
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load(scalar)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load(None, ["lr=3"])
+
+
+def test_required_keys():
+    with pytest.raises(ConfigError) as exc_info:
+        config.from_dict({"model": {"name": ""}, "data": {"path": ""}})
+    assert "model.name: required" in _problems(exc_info)
+    assert "data.path: required" in _problems(exc_info)
+
+
+def test_lora_targets_validation():
+    with pytest.raises(ConfigError, match="lora.targets"):
+        config.from_dict({"data": {"path": "x"}, "lora": {"targets": "everything"}})
+    with pytest.raises(ConfigError, match="lora.targets: empty list"):
+        config.from_dict({"data": {"path": "x"}, "lora": {"targets": []}})
+
+
+def test_relative_data_path_resolves_against_yaml_dir(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.jsonl").write_text("{}\n")
+    path = tmp_path / "sub" / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "d.jsonl"}}))
+    cfg = config.load(path)
+    assert cfg.data.path == str(tmp_path / "sub" / "d.jsonl")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("24GiB", 24 * 2**30), ("22GB", 22 * 10**9), ("512MiB", 512 * 2**20), ("1.5g", int(1.5 * 2**30)), (4096, 4096),
+])
+def test_parse_bytes(text, expected):
+    assert config.parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_garbage():
+    with pytest.raises(ValueError, match="not a size"):
+        config.parse_bytes("24 potatoes")
+
+
+def test_save_round_trip(tmp_path):
+    cfg = config.load(None, ["data.path=x.jsonl", "train.lr=0.01", "lora.targets=[q_proj]"])
+    cfg.save(tmp_path / "config.yaml")
+    again = config.load(tmp_path / "config.yaml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_help_lines_cover_every_key():
+    lines = config.help_lines()
+    for section, cls in config._SECTION_CLASSES.items():
+        for f in config.dataclasses.fields(cls):
+            assert any(line.startswith(f"{section}.{f.name} ") for line in lines), f.name
+    assert all(": " in line and len(line.split(": ", 1)[1]) > 5 for line in lines)
+
+
+def test_readme_documents_every_key_and_ci_runs_its_test_command():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    for line in config.help_lines():
+        assert f"`{line.split(' ')[0]}`" in readme, line
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:3]]
+    assert blocks[0].endswith("streamtune train examples/quickstart.yaml") and "pip install torch==2.13.0" in blocks[0]
+    test_command = blocks[1].split("&&")[-1].strip()
+    ci = (repo / ".ci" / "run").read_text()
+    assert "pip install torch==2.13.0" in ci and ci.strip().splitlines()[-1] == test_command
