@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-steps", type=int, default=1, help="timed steps of the slow baselines")
     parser.add_argument("--accelerate-headroom-gib", type=float, default=8.0,
                         help="GPU memory the accelerate recipe leaves for activations (max_memory = cap - this)")
+    parser.add_argument("--skip-resident", action="store_true", help="do not time the resident baseline")
     parser.add_argument("--num-layers", type=int, default=None, help="cut the model to N layers (smoke runs)")
     parser.add_argument("--out", default="benchmarks/results", help="directory of the JSON results")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -69,7 +70,7 @@ def _child_argv(args: argparse.Namespace, variant: str, out: str, link: dict[str
         value = getattr(args, key)
         if value is not None:
             argv += ["--" + key.replace("_", "-"), str(value)]
-    return argv
+    return argv + (["--skip-resident"] if args.skip_resident else [])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,6 +102,8 @@ def run_streamtune(args: Any) -> list[StepResult]:
                            lambda tokens: {"transfer": engine.step_metrics()})
     for result in results:
         _attach_transfer(result, engine, args.steps + 1)
+    if args.skip_resident:
+        return results
     # Resident: decode every layer onto the uncapped GPU (the host buffers are the only copy).
     cap_gpu_memory(None)
     engine.set_streamed([])
@@ -150,7 +152,7 @@ def run_accelerate(args: Any) -> list[StepResult]:
 def run_fsdp2(args: Any) -> list[StepResult]:
     """FSDP2 with pinned CPU offload on one GPU (world size 1)."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -162,10 +164,12 @@ def run_fsdp2(args: Any) -> list[StepResult]:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     policy = CPUOffloadPolicy(pin_memory=True)
+    # bf16 all-gathers for the bf16 base and the fp32 LoRA weights alike; fp32 gradient reduction
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     start = time.perf_counter()
     for layer in base.model.layers:
-        fully_shard(layer, offload_policy=policy)
-    fully_shard(model, offload_policy=policy)
+        fully_shard(layer, offload_policy=policy, mp_policy=precision)
+    fully_shard(model, offload_policy=policy, mp_policy=precision)
     shard_s = time.perf_counter() - start
     print(f"[bench] fsdp2 sharded (pinned) in {shard_s:.1f} s", flush=True)
     cap_gpu_memory(int(args.gpu_budget_gib * GIB))

@@ -103,6 +103,7 @@ class Recipe:
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self._build_data()
+        self._plan()
         self._build_model()
         init_run_dir(self.run_dir, cfg, self.resume)
         self._save_base()
@@ -125,6 +126,25 @@ class Recipe:
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.train_loader, self.eval_loader, self.data_stats = build_data(
             self.cfg.data, self.tokenizer, self.cfg.train.batch_size, self.cfg.train.seed)
+
+    def _plan(self) -> None:
+        """On a GPU: refuse a run that would not fit, before loading weights; cap the allocator."""
+        self.plan = None
+        if self.device.type != "cuda":
+            return
+        import psutil
+        import torch
+
+        from streamtune.config import parse_bytes
+        from streamtune.plan import plan_for_run, resolve_link_profile
+
+        free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
+        self.plan = plan_for_run(self.cfg, link=resolve_link_profile(), gpu_budget_bytes=free_bytes,
+                                 host_budget_bytes=psutil.virtual_memory().available)
+        self.plan.check()
+        if self.cfg.memory.gpu_budget:
+            budget = parse_bytes(self.cfg.memory.gpu_budget)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_bytes), self.device)
 
     def _build_model(self) -> None:
         from streamtune.models.build import build_model
@@ -158,7 +178,7 @@ class Recipe:
         from streamtune.offload import place
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
-        self.placement = place(self.model, self.arch, self.cfg.memory, self.device)
+        self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
