@@ -144,7 +144,8 @@ def test_out_of_range_layer_is_an_error():
         StreamEngine(model, "cpu", streamed=[7])
 
 
-def _codec_roundtrip_(model, codec_name: str) -> None:
+def _codec_roundtrip_(model, codec_name: str, device: str = "cpu") -> None:
+    """Replace every frozen layer weight by its codec round trip, decoded on ``device`` (as the engine does)."""
     from streamtune.offload.engine import codec_chooser
 
     choose = codec_chooser(codec_name)
@@ -152,7 +153,8 @@ def _codec_roundtrip_(model, codec_name: str) -> None:
         for name, p in layer.named_parameters():
             if not p.requires_grad:
                 codec = choose(name, tuple(p.shape))
-                p.data = codec.decode(codec.encode(p.data), tuple(p.shape), p.dtype)
+                parts = {k: v.to(device) for k, v in codec.encode(p.data).items()}
+                p.data = codec.decode(parts, tuple(p.shape), p.dtype).cpu()
 
 
 @pytest.mark.parametrize("codec", ["int8", "nf4"])

@@ -69,7 +69,7 @@ def test_compressed_resident_and_streamed_layers_on_cuda(codec):
     torch.backends.cuda.matmul.allow_tf32 = False
     model, _ = lora_model("tiny-gemma4", experts=True)
     reference = copy.deepcopy(model)
-    _codec_roundtrip_(reference, codec)
+    _codec_roundtrip_(reference, codec, device="cuda")
     StreamEngine(reference, "cuda", streamed=[])
     data = batches(2, seed=6)
     expected = train_steps(reference, data, grad_accum=1, device="cuda")

@@ -91,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
                                  gpu_memory_bytes=link["gpu_memory_bytes"])
         print(f"link profile saved to {path}")
         return 0
-    results = []
+    results: list[dict[str, Any]] = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"stream_step-{link['gpu_name'].replace(' ', '_')}-{args.codec}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report = {"link": link, "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
+              "results": results, "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             out = tmp.name
@@ -102,19 +107,17 @@ def run(args: argparse.Namespace) -> int:
             results += json.loads(Path(out).read_text())
         except (OSError, json.JSONDecodeError):
             results.append({"variant": variant, "tokens": None, "error": f"child exited {proc.returncode}"})
-    report = {"link": link, "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
-              "results": results, "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    print(format_report(report))
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"stream_step-{link['gpu_name'].replace(' ', '_')}-{args.codec}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    (out_dir / name).write_text(json.dumps(report, indent=1))
+        # written after every variant, so a run cut short keeps what it measured
+        (out_dir / name).write_text(json.dumps(report, indent=1))
+    print(format_report(report), flush=True)
     print(f"results written to {out_dir / name}")
     return 0
 
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value / scale, spec)
+    if value is None:
+        return "-"
+    return format(int(value), spec) if spec == "d" else format(value / scale, spec)
 
 
 def format_report(report: dict[str, Any]) -> str:

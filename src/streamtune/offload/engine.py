@@ -118,8 +118,13 @@ class StreamEngine:
         """
         self._check_indices(streamed)
         new = sorted(set(streamed))
+        # Free the old ring and workspace before anything new is allocated: both at once would
+        # exceed a budget that each alone fits.
+        self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
+        self.workspace = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
         for index in range(len(self.layers)):
             if index in new and index not in self.streamed:
                 self._make_streamed(index)
@@ -129,7 +134,6 @@ class StreamEngine:
         # Slots are sized for the largest streamed layer: a new ring, empty.
         self.ring = SlotRing({i: self.packs[i] for i in new}, self.device, self.num_slots, self.prefetch)
         decoded = [self.packs[i].decoded_nbytes for i in [*new, *self.compressed_resident]]
-        self.workspace = None
         if max(decoded, default=0):
             # one workspace serves every decode: a single layer is bound at any time
             self.workspace = torch.empty(max(decoded), dtype=torch.uint8, device=self.device)
