@@ -1,6 +1,4 @@
-import copy
 
-import pytest
 import torch
 
 from streamtune.models.build import build_model

@@ -133,19 +133,24 @@ def run_accelerate(args: Any) -> list[StepResult]:
                     if k.startswith("model.layers.") and v == 0 and k.count(".") == 2)
     print(f"[bench] accelerate keeps layers {on_gpu} on the GPU", flush=True)
     model = dispatch_model(model, device_map=device_map, main_device=0)
-    cap_gpu_memory(int(args.gpu_budget_gib * GIB))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = attach_lora(model, args.lora_rank, layers=on_gpu or [0])
+    return _run_hf_baseline("accelerate", model, config, args, {"lora_layers": len(on_gpu)})
+
+
+def _run_hf_baseline(name: str, model: Any, config: Any, args: Any, extra: dict) -> list[StepResult]:
+    """Time a baseline that uses the model's own (unchunked) loss, under the GPU cap."""
+    cap_gpu_memory(int(args.gpu_budget_gib * GIB))
     opt = _adamw(model)
 
     def step_for(tokens: int) -> Any:
         batch = random_batch(tokens, config.vocab_size, "cuda")
         return lambda: _hf_step(model, batch, opt)
 
-    results = _run_lengths("accelerate", args.tokens, args.baseline_steps, step_for)
+    results = _run_lengths(name, args.tokens, args.baseline_steps, step_for)
     for result in results:
-        result.extra["lora_layers"] = len(on_gpu)
+        result.extra.update(extra)
     return results
 
 
@@ -172,16 +177,7 @@ def run_fsdp2(args: Any) -> list[StepResult]:
     fully_shard(model, offload_policy=policy, mp_policy=precision)
     shard_s = time.perf_counter() - start
     print(f"[bench] fsdp2 sharded (pinned) in {shard_s:.1f} s", flush=True)
-    cap_gpu_memory(int(args.gpu_budget_gib * GIB))
-    opt = _adamw(model)
-
-    def step_for(tokens: int) -> Any:
-        batch = random_batch(tokens, config.vocab_size, "cuda")
-        return lambda: _hf_step(model, batch, opt)
-
-    results = _run_lengths("fsdp2", args.tokens, args.baseline_steps, step_for)
-    for result in results:
-        result.extra["shard_s"] = shard_s
+    results = _run_hf_baseline("fsdp2", model, config, args, {"shard_s": shard_s})
     dist.destroy_process_group()
     return results
 

@@ -56,7 +56,7 @@ def streamed_layers(num_layers: int, memory: Any, device: Any, plan: Any = None)
     return list(range(num_layers)) if str(device).startswith("cuda") else []
 
 
-def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None) -> Placement:
+def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, load_layer: Any = None) -> Placement:
     """Put a (LoRA-wrapped) model on ``device`` according to ``memory`` (a MemoryConfig).
 
     Args:
@@ -66,6 +66,8 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None) 
             gradient_checkpointing).
         device: compute device.
         plan: optional ``streamtune.plan`` Plan whose ``streamed_indices`` decide ``stream: auto``.
+        load_layer: optional ``(index, layer) -> None`` filling a layer's frozen weights just before
+            it is packed (see :class:`StreamEngine`).
 
     Raises:
         ValueError: the plan names layers the model does not have.
@@ -75,5 +77,6 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None) 
     num_layers = len(decoder_layers(model))
     streamed = streamed_layers(num_layers, memory, device, plan)
     engine = StreamEngine(model, device, streamed, codec=memory.codec, num_slots=memory.ring_slots,
-                          prefetch=memory.prefetch, gradient_checkpointing=memory.gradient_checkpointing)
+                          prefetch=memory.prefetch, gradient_checkpointing=memory.gradient_checkpointing,
+                          load_layer=load_layer)
     return Placement(model, engine.device, engine, plan)

@@ -64,13 +64,17 @@ class StreamEngine:
         num_slots: GPU ring size.
         prefetch: layers copied ahead.
         gradient_checkpointing: checkpoint resident layers too.
+        load_layer: optional ``(index, layer) -> None`` called just before a layer is packed, to
+            fill its frozen parameters (e.g. from a checkpoint, one layer at a time, so host RAM
+            never holds the unpacked model).
 
     Raises:
         ValueError: a streamed index is out of range.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, streamed: list[int], codec: str = "bf16",
-                 num_slots: int = 2, prefetch: int = 1, gradient_checkpointing: bool = True):
+                 num_slots: int = 2, prefetch: int = 1, gradient_checkpointing: bool = True,
+                 load_layer: Any = None):
         self.model = model
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -86,7 +90,7 @@ class StreamEngine:
         self.compressed_resident: set[int] = set()
         self.workspace: torch.Tensor | None = None
         self._check_indices(streamed)
-        self._pack_layers(codec)
+        self._pack_layers(codec, load_layer)
         model.to(self.device)
         self._configure_checkpointing(gradient_checkpointing)
         self.ring = SlotRing({}, self.device, num_slots, prefetch)
@@ -97,10 +101,12 @@ class StreamEngine:
         if bad:
             raise ValueError(f"streamed layer indices {bad} out of range 0..{len(self.layers) - 1}")
 
-    def _pack_layers(self, codec: str) -> None:
+    def _pack_layers(self, codec: str, load_layer: Any) -> None:
         pin = torch.cuda.is_available() and self.device.type == "cuda"
         choose = codec_chooser(codec)
         for index, layer in enumerate(self.layers):
+            if load_layer is not None:
+                load_layer(index, layer)
             self.packs[index] = pack_layer(index, layer, choose, self.device, pin)
 
     def _configure_checkpointing(self, enabled: bool) -> None:

@@ -174,3 +174,20 @@ def part_device(parts: dict[str, torch.Tensor]) -> torch.device:
 def rows_per_chunk(row_numel: int, max_chunk_numel: int) -> int:
     """How many rows of ``row_numel`` elements fit in a chunk of ``max_chunk_numel`` (at least 1)."""
     return max(1, max_chunk_numel // max(1, row_numel))
+
+
+def decode_target(
+    codec: Codec, parts: dict[str, torch.Tensor], shape, dtype: torch.dtype, out: torch.Tensor | None
+) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Check a ``decode`` call and return the normalised shape and the output tensor (``out`` or a new one).
+
+    Raises:
+        ValueError: the parts do not match the layout, or ``out`` does not match.
+    """
+    shape = normalize_shape(shape)
+    check_parts(codec, parts, shape, dtype)
+    device = part_device(parts)
+    check_out(out, shape, dtype, device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    return shape, out

@@ -9,9 +9,9 @@ from streamtune.quant.base import (
     PartSpec,
     check_float_dtype,
     check_out,
+    decode_target,
     check_parts,
     normalize_shape,
-    part_device,
     rows_per_chunk,
 )
 from streamtune.quant.cpu_encode import encode_int8_rows, run_chunks
@@ -124,12 +124,8 @@ class Int8Codec(Codec):
         Raises:
             ValueError: the parts do not match the layout, or ``out`` does not match.
         """
-        shape = normalize_shape(shape)
-        check_parts(self, parts, shape, dtype)
-        device = part_device(parts)
-        check_out(out, shape, dtype, device)
-        if out is None:
-            out = torch.empty(shape, dtype=dtype, device=device)
+        shape, out = decode_target(self, parts, shape, dtype, out)
+        device = out.device
         if out.numel() == 0:
             return out
         row_numel = shape[-1] if shape else 1

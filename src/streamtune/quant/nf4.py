@@ -31,10 +31,8 @@ from streamtune.quant.base import (
     Codec,
     PartSpec,
     check_float_dtype,
-    check_out,
-    check_parts,
+    decode_target,
     normalize_shape,
-    part_device,
 )
 from streamtune.quant.cpu_encode import (
     absmax_rows,
@@ -174,12 +172,8 @@ class Nf4Codec(Codec):
         """
         if backend not in DECODE_BACKENDS:
             raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(DECODE_BACKENDS)}")
-        shape = normalize_shape(shape)
-        check_parts(self, parts, shape, dtype)
-        device = part_device(parts)
-        check_out(out, shape, dtype, device)
-        if out is None:
-            out = torch.empty(shape, dtype=dtype, device=device)
+        shape, out = decode_target(self, parts, shape, dtype, out)
+        device = out.device
         if out.numel() == 0:
             return out
         with torch.no_grad():
