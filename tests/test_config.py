@@ -133,3 +133,12 @@ def test_readme_documents_every_key_and_ci_runs_its_test_command():
     test_command = blocks[1].split("&&")[-1].strip()
     ci = (repo / ".ci" / "run").read_text()
     assert "pip install torch==2.13.0" in ci and ci.strip().splitlines()[-1] == test_command
+
+
+def test_lora_dropout_with_fused_parameters_is_refused():
+    from streamtune.config import from_dict
+    from streamtune.errors import ConfigError
+
+    raw = {"data": {"path": "x.jsonl"}, "lora": {"dropout": 0.1, "target_parameters": ["experts.down_proj"]}}
+    with pytest.raises(ConfigError, match="lora.dropout: must be 0 with lora.target_parameters"):
+        from_dict(raw)

@@ -264,6 +264,8 @@ def validate(cfg: RunConfig) -> list[str]:
     _check_min(p, "lora.alpha", cfg.lora.alpha, 0.0)
     if not 0.0 <= cfg.lora.dropout < 1.0:
         p.append(f"lora.dropout: {cfg.lora.dropout} must be in [0, 1)")
+    if cfg.lora.dropout and cfg.lora.target_parameters:
+        p.append("lora.dropout: must be 0 with lora.target_parameters (PEFT cannot apply dropout to fused parameters)")
     if isinstance(cfg.lora.targets, str) and cfg.lora.targets != "auto":
         p.append(f"lora.targets: {cfg.lora.targets!r}: use 'auto' or a list of module names such as [q_proj, v_proj]")
     if isinstance(cfg.lora.targets, list) and not cfg.lora.targets and not cfg.lora.target_parameters:
