@@ -186,3 +186,10 @@ def test_set_streamed_replaces_without_changing_numbers():
     assert_same(expected, train_steps(model, data, grad_accum=1, lr=0.0))
     engine.set_streamed([])
     assert_same(expected, train_steps(model, data, grad_accum=1, lr=0.0))
+
+
+def test_unpinned_host_buffer_has_the_exact_size():
+    from streamtune.offload.host import alloc_host_buffer
+
+    buffer = alloc_host_buffer(1000, pin=False)
+    assert buffer.numel() == 1000 and buffer.dtype == torch.uint8

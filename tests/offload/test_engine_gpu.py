@@ -77,3 +77,18 @@ def test_compressed_resident_and_streamed_layers_on_cuda(codec):
     assert engine.describe()["resident_layers"] == [0, 2]
     assert engine.compressed_resident == {0, 2}
     assert_same(expected, train_steps(model, data, grad_accum=1, device="cuda"), atol=1e-4)
+
+
+def test_host_buffers_are_pinned_at_their_exact_size():
+    from streamtune.offload.host import alloc_host_buffer
+
+    nbytes = 3 * (1 << 20) + 256  # not a power of two: the caching host allocator would round it up
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    buffer = alloc_host_buffer(nbytes, pin=True)
+    assert buffer.is_pinned() and buffer.numel() == nbytes
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == before
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    buffer.copy_(torch.arange(nbytes, dtype=torch.int64).remainder(251).to(torch.uint8))
+    device.copy_(buffer, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(device.cpu(), buffer)

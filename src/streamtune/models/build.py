@@ -129,31 +129,17 @@ def build_preset(name: str, dtype: Any, seed: int = 0) -> Any:
 
 
 def load_pretrained(path: str, dtype: Any, trust_remote_code: bool = False) -> Any:
-    """A local HF checkpoint on the CPU, text model only.
+    """A local HF checkpoint on the CPU, text model only, read shard by shard (one copy in RAM).
 
     Raises:
-        InputError: the directory holds no safetensors weights.
+        InputError: the directory holds no safetensors weights, or they do not fit its config.json.
     """
     directory = Path(path)
     if not list(directory.glob("*.safetensors")):
         raise InputError(f"model.name: {str(directory)!r} holds no *.safetensors weights")
-    config = resolve_config(path, trust_remote_code)
-    if getattr(config, "model_type", None) == "gemma4":
-        return _load_gemma4_text(path, config, dtype)
-    from transformers import AutoModelForCausalLM
+    from streamtune.loading import load_checkpoint
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
-
-
-def _load_gemma4_text(path: str, config: Any, dtype: Any) -> Any:
-    # Multimodal checkpoint: keep the language model, drop the vision/audio towers.
-    from transformers import AutoModelForImageTextToText
-
-    full = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    model = build_empty(config, dtype, device="meta")
-    model.model = full.model.language_model
-    model.lm_head = full.lm_head
-    model.tie_weights()
+    model, _ = load_checkpoint(directory, dtype, trust_remote_code)
     return model.eval()
 
 

@@ -147,10 +147,19 @@ class Recipe:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_bytes), self.device)
 
     def _build_model(self) -> None:
+        from streamtune.models import is_preset
         from streamtune.models.build import build_model
 
         m = self.cfg.model
-        self.model, self.arch = build_model(m.name, self.dtype, m.seed, m.trust_remote_code)
+        self.checkpoint = None
+        if is_preset(m.name):
+            self.model, self.arch = build_model(m.name, self.dtype, m.seed, m.trust_remote_code)
+        else:
+            # Decoder layers stay on disk until the engine packs them (one copy in host RAM).
+            from streamtune.loading import open_checkpoint
+
+            self.checkpoint = open_checkpoint(m.name, self.dtype, m.trust_remote_code, progress=self.cfg.output.progress)
+            self.model, self.arch = self.checkpoint.model, self.checkpoint.adapter
         _check_vocab(self.model, self.tokenizer)
 
     def _save_base(self) -> None:
@@ -178,7 +187,13 @@ class Recipe:
         from streamtune.offload import place
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
-        self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan)
+        load_layer = self.checkpoint.load_layer if self.checkpoint is not None else None
+        try:
+            self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
+                                   load_layer=load_layer)
+        finally:
+            if self.checkpoint is not None:
+                self.load_stats = self.checkpoint.finish()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)

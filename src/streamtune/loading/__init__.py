@@ -1,0 +1,24 @@
+"""Loading local HF checkpoints shard by shard into the planned placement (one copy in host RAM).
+
+Public API: :func:`open_checkpoint` (model with decoder layers still on disk + the engine's
+``load_layer`` hook), :func:`load_checkpoint` (a plain CPU model), :class:`CheckpointReader`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CheckpointReader", "OpenedCheckpoint", "load_checkpoint", "open_checkpoint"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: ``import streamtune.loading`` stays free of torch
+    if name == "CheckpointReader":
+        from streamtune.loading.reader import CheckpointReader
+
+        return CheckpointReader
+    if name in ("OpenedCheckpoint", "load_checkpoint", "open_checkpoint"):
+        from streamtune.loading import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(name)
