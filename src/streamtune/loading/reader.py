@@ -53,6 +53,26 @@ def _destination(tensor: Any, piece: nm.Piece) -> Any:
     return view
 
 
+def release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Problem: after glibc frees a large mapped block it raises its mmap threshold, so later tensors of
+    up to 32 MiB come from the heap, and their pages stay resident after ``free`` while packed layer
+    buffers sit between them: RSS then counts the transient unpacked layers on top of the packs.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class CheckpointReader:
     """Reads a local HF checkpoint directory into a model of the same config.
 
@@ -188,6 +208,7 @@ class CheckpointReader:
         """
         import torch
 
+        release_free_heap()  # the previous layer's unpacked weights and codec temporaries
         jobs = []
         for name, param in layer.named_parameters(remove_duplicate=False):
             source = self._pending.pop(id(param), None)
@@ -205,7 +226,7 @@ class CheckpointReader:
         chunks = []
         for tensor, source in jobs:
             for piece, info in source.pieces:
-                flat = _destination(tensor, piece).reshape(-1)
+                flat = _destination(tensor.detach(), piece).reshape(-1)
                 step = max(1, CHUNK_BYTES // flat.element_size())
                 for start in range(0, flat.numel(), step):
                     chunks.append((info, start, flat[start:start + step]))
@@ -264,6 +285,7 @@ class CheckpointReader:
 
     def close(self) -> None:
         """Close the progress bar, the reader threads and the shard files."""
+        release_free_heap()
         self.close_progress()
         if self._pool is not None:
             self._pool.shutdown()
