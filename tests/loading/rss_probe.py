@@ -39,7 +39,7 @@ def main(directory: str, codec: str) -> None:
     opened = open_checkpoint(directory, torch.bfloat16, progress=False)
     opened.model.requires_grad_(False)
     memory = SimpleNamespace(stream="all", codec=codec, ring_slots=2, prefetch=1, gradient_checkpointing=False)
-    placement = place(opened.model, opened.adapter, memory, "cpu", load_layer=opened.load_layer)
+    placement = place(opened.model, opened.adapter, memory, "cpu", load_tensor=opened.load_tensor)
     stats = opened.finish()
     wall_s = time.perf_counter() - started
     layers = decoder_layers(opened.model)

@@ -69,7 +69,9 @@ def test_engine_fills_layers_from_the_shards(saved, name, stream):
     opened = open_checkpoint(saved[name], torch.float32, progress=False)
     layer = decoder_layers(opened.model)[0]
     assert all(p.data.untyped_storage().nbytes() <= 4 for p in layer.parameters())
-    placement = place(opened.model, opened.adapter, _memory(stream), "cpu", load_layer=opened.load_layer)
+    opened.model.requires_grad_(False)  # the base is frozen, as under LoRA: the engine packs frozen weights
+    placement = place(opened.model, opened.adapter, _memory(stream), "cpu", load_tensor=opened.load_tensor)
+    assert placement.engine.host_bytes > 0
     stats = opened.finish()
     assert stats["bytes_read"] > 0
     assert torch.equal(_logits(opened.model), _logits(stock))
@@ -110,7 +112,7 @@ def test_codec_round_trip_through_the_engine(saved, codec):
     _codec_round_trip(reference, codec)
     opened = open_checkpoint(directory, torch.float32, progress=False)
     opened.model.requires_grad_(False)
-    placement = place(opened.model, opened.adapter, _memory("all", codec), "cpu", load_layer=opened.load_layer)
+    placement = place(opened.model, opened.adapter, _memory("all", codec), "cpu", load_tensor=opened.load_tensor)
     opened.finish()
     assert placement.engine.host_bytes < sum(p.numel() * 4 for layer in decoder_layers(reference)
                                              for p in layer.parameters())
@@ -141,7 +143,7 @@ def test_lora_attaches_to_placeholders_like_to_real_weights(saved, name):
         for n, p in expected.named_parameters():
             if p.requires_grad:
                 p.copy_(lora[n])
-    placement = place(model, opened.adapter, _memory("all"), "cpu", load_layer=opened.load_layer)
+    placement = place(model, opened.adapter, _memory("all"), "cpu", load_tensor=opened.load_tensor)
     opened.finish()
     torch.testing.assert_close(_logits(model), _logits(expected), rtol=0, atol=0)
     placement.close()

@@ -1,5 +1,5 @@
 """Peak host RAM while loading a ~300 MB checkpoint through the engine stays within
-packed footprint + one unpacked layer + the largest tensor (codec temporaries) + 16 MiB staging."""
+packed footprint + one unpacked tensor + its encoded copy (codec output before it is packed) + 16 MiB staging."""
 
 from __future__ import annotations
 
@@ -30,14 +30,16 @@ def big_llama(tmp_path_factory):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")
 @pytest.mark.parametrize("codec", ["bf16", "int8", "nf4"])
-def test_peak_rss_stays_within_footprint_plus_one_layer(big_llama, codec):
+def test_peak_rss_stays_within_footprint_plus_one_tensor(big_llama, codec):
     done = subprocess.run([sys.executable, "-m", "tests.loading.rss_probe", str(big_llama), codec],
                           capture_output=True, text=True, check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     footprint = facts["host_pack_bytes"] + facts["other_bytes"]
-    bound = footprint + facts["layer_bytes"] + facts["largest_tensor_bytes"] + STAGING_SLACK_BYTES
+    # one unpacked tensor, plus the codec's encoded copy of it before it lands in the pack
+    bound = footprint + 2 * facts["largest_tensor_bytes"] + STAGING_SLACK_BYTES
     peak = facts["peak_bytes"] - facts["baseline_bytes"]
+    print(f"{codec}: peak {peak / 2**20:.0f} MiB, footprint {footprint / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
     assert facts["bytes_read"] > 280e6
     assert peak <= bound, facts
     # and the load really held the packed model (the measurement is not vacuous)

@@ -1,7 +1,7 @@
 """Loading local HF checkpoints shard by shard into the planned placement (one copy in host RAM).
 
 Public API: :func:`open_checkpoint` (model with decoder layers still on disk + the engine's
-``load_layer`` hook), :func:`load_checkpoint` (a plain CPU model), :class:`CheckpointReader`.
+``load_tensor`` hook), :func:`load_checkpoint` (a plain CPU model), :class:`CheckpointReader`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Opening a local HF checkpoint directory without ever holding two copies of it.
 
 :func:`open_checkpoint` gives a model whose decoder layers are still on disk (placeholders) and the
-reader whose ``load_layer`` fills them, for ``streamtune.offload.place(..., load_layer=...)``.
+reader whose ``load_tensor`` fills them, for ``streamtune.offload.place(..., load_tensor=...)``.
 :func:`load_checkpoint` reads everything at once into a plain CPU model (merge, evaluation).
 """
 
@@ -20,7 +20,7 @@ class OpenedCheckpoint:
 
     Attributes:
         model: the stock causal LM on the CPU (decoder-layer parameters are placeholders until
-            ``reader.load_layer`` fills them).
+            the engine's ``load_tensor`` hook fills them).
         adapter: its ``ArchAdapter``.
         reader: the :class:`CheckpointReader` (close it when loading is done).
     """
@@ -29,9 +29,9 @@ class OpenedCheckpoint:
     adapter: Any
     reader: CheckpointReader
 
-    def load_layer(self, index: int, layer: Any) -> None:
-        """The engine's ``load_layer`` hook (see :meth:`CheckpointReader.load_layer`)."""
-        self.reader.load_layer(index, layer)
+    def load_tensor(self, index: int, name: str, param: Any) -> None:
+        """The engine's ``load_tensor`` hook (see :meth:`CheckpointReader.load_tensor`)."""
+        self.reader.load_tensor(index, name, param)
 
     def finish(self) -> dict[str, float]:
         """Check that every layer was read, close the reader; returns its :meth:`~CheckpointReader.stats`.

@@ -3,8 +3,9 @@
 Flow: :meth:`CheckpointReader.prepare` resolves every model tensor to its checkpoint tensor(s) and checks
 every shape before anything heavy happens, turns each decoder-layer parameter into a zero-byte
 placeholder, and reads the rest (embeddings, final norm, untied LM head, persistent buffers) for real.
-:meth:`CheckpointReader.load_layer` is the engine's ``load_layer`` hook: it gives a layer's parameters
-real storage and reads them, several threads at once, just before the engine packs (and frees) them.
+:meth:`CheckpointReader.load_tensor` is the engine's ``load_tensor`` hook: it gives one parameter real
+storage and reads it, several threads at once, just before the engine encodes (and frees) it.
+:meth:`CheckpointReader.load_layer` reads a whole layer (plain CPU models).
 """
 
 from __future__ import annotations
@@ -206,21 +207,39 @@ class CheckpointReader:
         Raises:
             InputError: a shard ended early while reading.
         """
-        import torch
-
         release_free_heap()  # the previous layer's unpacked weights and codec temporaries
-        jobs = []
-        for name, param in layer.named_parameters(remove_duplicate=False):
-            source = self._pending.pop(id(param), None)
-            if source is None and param.data.numel() > 1 and all(s == 0 for s in param.data.stride()):
-                source = self._by_name.get((index, nm.stock_name(name)))
-            if source is None:
-                continue
-            param.data = torch.empty(tuple(param.shape), dtype=param.dtype)
-            jobs.append((param.data, source))
+        jobs = [job for name, param in layer.named_parameters(remove_duplicate=False)
+                if (job := self._job(index, name, param)) is not None]
         self._read(jobs)
         if not self._pending:
             self.close_progress()
+
+    def load_tensor(self, index: int, name: str, param: Any) -> None:
+        """Read one placeholder parameter of decoder layer ``index`` (the engine's per-tensor hook).
+
+        The engine encodes it right after, so host RAM holds one unpacked tensor at a time.
+
+        Raises:
+            InputError: a shard ended early while reading.
+        """
+        release_free_heap()  # the previous tensor's unpacked copy and codec temporaries
+        job = self._job(index, name, param)
+        if job is not None:
+            self._read([job])
+        if not self._pending:
+            self.close_progress()
+
+    def _job(self, index: int, name: str, param: Any) -> tuple[Any, Source] | None:
+        """Give a placeholder parameter real CPU storage; returns (destination, source) or None."""
+        import torch
+
+        source = self._pending.pop(id(param), None)
+        if source is None and param.data.numel() > 1 and all(s == 0 for s in param.data.stride()):
+            source = self._by_name.get((index, nm.stock_name(name)))
+        if source is None:
+            return None
+        param.data = torch.empty(tuple(param.shape), dtype=param.dtype)
+        return param.data, source
 
     def _read(self, jobs: list[tuple[Any, Source]]) -> None:
         chunks = []

@@ -56,7 +56,7 @@ def streamed_layers(num_layers: int, memory: Any, device: Any, plan: Any = None)
     return list(range(num_layers)) if str(device).startswith("cuda") else []
 
 
-def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, load_layer: Any = None) -> Placement:
+def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, load_tensor: Any = None) -> Placement:
     """Put a (LoRA-wrapped) model on ``device`` according to ``memory`` (a MemoryConfig).
 
     Args:
@@ -66,7 +66,7 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, 
             gradient_checkpointing).
         device: compute device.
         plan: optional ``streamtune.plan`` Plan whose ``streamed_indices`` decide ``stream: auto``.
-        load_layer: optional ``(index, layer) -> None`` filling a layer's frozen weights just before
+        load_tensor: optional ``(index, name, param) -> None`` filling each frozen weight just before
             it is packed (see :class:`StreamEngine`).
 
     Raises:
@@ -78,5 +78,5 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, 
     streamed = streamed_layers(num_layers, memory, device, plan)
     engine = StreamEngine(model, device, streamed, codec=memory.codec, num_slots=memory.ring_slots,
                           prefetch=memory.prefetch, gradient_checkpointing=memory.gradient_checkpointing,
-                          load_layer=load_layer)
+                          load_tensor=load_tensor)
     return Placement(model, engine.device, engine, plan)

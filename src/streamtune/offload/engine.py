@@ -10,6 +10,7 @@ Usage (what ``streamtune.offload.place`` does)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -64,9 +65,9 @@ class StreamEngine:
         num_slots: GPU ring size.
         prefetch: layers copied ahead.
         gradient_checkpointing: checkpoint resident layers too.
-        load_layer: optional ``(index, layer) -> None`` called just before a layer is packed, to
-            fill its frozen parameters (e.g. from a checkpoint, one layer at a time, so host RAM
-            never holds the unpacked model).
+        load_tensor: optional ``(index, name, param) -> None`` called just before each frozen
+            parameter is encoded, to give it its values (a checkpoint reader: host RAM then never
+            holds more than one unpacked tensor).
 
     Raises:
         ValueError: a streamed index is out of range.
@@ -74,7 +75,7 @@ class StreamEngine:
 
     def __init__(self, model: nn.Module, device: torch.device | str, streamed: list[int], codec: str = "bf16",
                  num_slots: int = 2, prefetch: int = 1, gradient_checkpointing: bool = True,
-                 load_layer: Any = None):
+                 load_tensor: Any = None):
         self.model = model
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -90,7 +91,7 @@ class StreamEngine:
         self.compressed_resident: set[int] = set()
         self.workspace: torch.Tensor | None = None
         self._check_indices(streamed)
-        self._pack_layers(codec, load_layer)
+        self._pack_layers(codec, load_tensor)
         model.to(self.device)
         self._configure_checkpointing(gradient_checkpointing)
         self.ring = SlotRing({}, self.device, num_slots, prefetch)
@@ -101,13 +102,12 @@ class StreamEngine:
         if bad:
             raise ValueError(f"streamed layer indices {bad} out of range 0..{len(self.layers) - 1}")
 
-    def _pack_layers(self, codec: str, load_layer: Any) -> None:
+    def _pack_layers(self, codec: str, load_tensor: Any) -> None:
         pin = torch.cuda.is_available() and self.device.type == "cuda"
         choose = codec_chooser(codec)
         for index, layer in enumerate(self.layers):
-            if load_layer is not None:
-                load_layer(index, layer)
-            self.packs[index] = pack_layer(index, layer, choose, self.device, pin)
+            fill = functools.partial(load_tensor, index) if load_tensor is not None else None
+            self.packs[index] = pack_layer(index, layer, choose, self.device, pin, fill)
 
     def _configure_checkpointing(self, enabled: bool) -> None:
         base = unwrap(self.model)

@@ -90,7 +90,7 @@ def frozen_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device: torch.device,
-               pin: bool) -> LayerPack:
+               pin: bool, fill: Any = None) -> LayerPack:
     """Encode the frozen parameters of ``layer`` into one host buffer and detach them from their storage.
 
     Each parameter's ``.data`` becomes a zero-byte placeholder of the right shape, dtype and device
@@ -103,6 +103,8 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
         codec_for: callable ``(param_name, shape) -> Codec`` (streamtune.quant codec objects).
         placeholder_device: where the placeholders live (the compute device).
         pin: allocate the buffer in page-locked memory.
+        fill: optional ``(name, param) -> None`` giving a placeholder parameter its real values just
+            before it is encoded (a checkpoint reader): host RAM then holds one unpacked tensor at a time.
     """
     entries = []
     offset = 0
@@ -124,6 +126,8 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
         entries.append(entry)
     buffer = alloc_host_buffer(_align(offset), pin)
     for entry in entries:
+        if fill is not None:
+            fill(entry.name, entry.param)
         encoded = entry.codec.encode(entry.param.data.detach().cpu())
         for part in entry.parts:
             view = part_view(buffer, part)

@@ -187,10 +187,10 @@ class Recipe:
         from streamtune.offload import place
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
-        load_layer = self.checkpoint.load_layer if self.checkpoint is not None else None
+        load_tensor = self.checkpoint.load_tensor if self.checkpoint is not None else None
         try:
             self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
-                                   load_layer=load_layer)
+                                   load_tensor=load_tensor)
         finally:
             if self.checkpoint is not None:
                 self.load_stats = self.checkpoint.finish()
