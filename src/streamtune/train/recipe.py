@@ -265,7 +265,8 @@ class Recipe:
                 batch = _to_device(batch, self.device)
                 part = lm_loss_sum(self.model, self.arch, batch, t.loss_chunk_tokens)
                 (part / max(1, loss_tokens)).backward()
-                loss_sum += float(part.detach())
+                # stays on the device: a host sync per micro-batch would stall the copy pipeline
+                loss_sum = loss_sum + part.detach()
         except torch.OutOfMemoryError as exc:
             raise StreamtuneError(
                 f"out of GPU memory at step {step}: lower data.seq_len, train.batch_size or "
@@ -276,7 +277,7 @@ class Recipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum / max(1, loss_tokens)
+        loss = float(loss_sum) / max(1, loss_tokens)
         if not math.isfinite(loss):
             raise StreamtuneError(f"loss is {loss} at step {step}; lower train.lr or check the data")
         _sync(self.device)
