@@ -7,7 +7,7 @@ import torch
 
 from streamtune.config import MemoryConfig
 from streamtune.models.adapters import decoder_layers
-from streamtune.offload import StreamEngine, place, spread_evenly
+from streamtune.offload import StreamEngine, place
 from tests.offload.lora_models import TINY, batches, lora_grads, lora_model
 
 
@@ -128,14 +128,6 @@ def test_place_modes():
         model, adapter = lora_model("tiny-gemma4")
         placement = place(model, adapter, MemoryConfig(stream=stream), "cpu")
         assert placement.describe()["streamed_layers"] == expected
-
-
-def test_spread_evenly():
-    assert spread_evenly(30, 0) == []
-    assert spread_evenly(30, 30) == list(range(30))
-    picked = spread_evenly(30, 10)
-    assert len(picked) == 10 and all(b - a == 3 for a, b in zip(picked, picked[1:]))
-    assert spread_evenly(4, 2) == [1, 3]
 
 
 def test_out_of_range_layer_is_an_error():

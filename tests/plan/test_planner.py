@@ -32,6 +32,14 @@ def test_even_indices_are_spread(num_layers, count):
         assert j * stretch <= i < (j + 1) * stretch
 
 
+def test_even_indices_edges():
+    assert even_indices(30, 0) == []
+    assert even_indices(30, 30) == list(range(30))
+    picked = even_indices(30, 10)
+    assert len(picked) == 10 and all(b - a == 3 for a, b in zip(picked, picked[1:]))
+    assert even_indices(4, 2) == [1, 3]
+
+
 def test_auto_streams_the_fewest_layers_that_fit():
     plan = _plan(codec="int8", gpu_budget_bytes=24 * GIB)
     num = len(plan.streamed_indices)

@@ -101,7 +101,7 @@ def run_streamtune(args: Any) -> list[StepResult]:
     results = _run_lengths("streamtune", args.tokens, args.steps, step_for, place,
                            lambda tokens: {"transfer": engine.step_metrics()})
     for result in results:
-        _attach_transfer(result, engine, args.steps + 1)
+        _attach_transfer(result, args.steps + 1)
     if args.skip_resident:
         return results
     # Resident: decode every layer onto the uncapped GPU (the host buffers are the only copy).
@@ -111,7 +111,8 @@ def run_streamtune(args: Any) -> list[StepResult]:
     return results
 
 
-def _attach_transfer(result: StepResult, engine: Any, num_steps: int) -> None:
+def _attach_transfer(result: StepResult, num_steps: int) -> None:
+    """Per-step transfer fields from the metrics of the warm-up + timed steps."""
     metrics = result.extra.pop("transfer", None)
     if metrics:
         result.h2d_bytes = metrics["h2d_bytes"] / num_steps

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamtune.offload.engine import StreamEngine, spread_evenly
+from streamtune.offload.engine import StreamEngine
 
-__all__ = ["Placement", "StreamEngine", "place", "spread_evenly"]
+__all__ = ["Placement", "StreamEngine", "place"]
 
 
 class Placement:

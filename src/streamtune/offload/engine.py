@@ -1,4 +1,4 @@
-"""The streaming engine: packs streamed decoder layers into host buffers and serves them to compute.
+"""The streaming engine: packs every decoder layer into host buffers once and serves them to compute.
 
 Usage (what ``streamtune.offload.place`` does)::
 
@@ -20,15 +20,6 @@ from streamtune.models.adapters import decoder_layers, unwrap
 from streamtune.offload.checkpoint import StreamedLayer
 from streamtune.offload.host import LayerPack, bind, materialize, pack_layer, unbind
 from streamtune.offload.ring import SlotRing
-
-
-def spread_evenly(num_layers: int, num_streamed: int) -> list[int]:
-    """``num_streamed`` layer indices spread evenly over ``num_layers`` (resident compute between them)."""
-    num_streamed = max(0, min(num_layers, num_streamed))
-    if num_streamed == 0:
-        return []
-    step = num_layers / num_streamed
-    return sorted({min(num_layers - 1, int(step * k + step / 2)) for k in range(num_streamed)})
 
 
 def codec_chooser(codec_name: str) -> Any:

@@ -7,6 +7,7 @@ and written into one pinned uint8 buffer, parts at 256-byte aligned offsets; one
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ class PackedTensor:
 
     @property
     def decoded_nbytes(self) -> int:
-        return _numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -68,13 +69,6 @@ class LayerPack:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def frozen_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -115,9 +109,8 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
         parts = []
         for spec in codec.layout(shape, param.dtype):
             offset = _align(offset)
-            nbytes = _numel(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
-            parts.append(PackedPart(spec.name, spec.dtype, tuple(spec.shape), offset, nbytes))
-            offset += nbytes
+            parts.append(PackedPart(spec.name, spec.dtype, tuple(spec.shape), offset, spec.nbytes))
+            offset += spec.nbytes
         entry = PackedTensor(param, name, codec, shape, param.dtype, parts)
         if not codec.is_identity:
             decoded_offset = _align(decoded_offset)

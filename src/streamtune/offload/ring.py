@@ -142,11 +142,10 @@ class SlotRing:
             slot.ready.record(self.copy_stream)
             self.stats.copy_events.append((start, slot.ready))
 
-    def prefetch_ahead(self) -> None:
-        """Start copies for the next ``prefetch`` uses that are not in a slot yet."""
+    def prefetch_ahead(self, future: list[int]) -> None:
+        """Start copies for the next ``prefetch`` uses (``future``: the uses after the current one)."""
         if self.prefetch == 0 or not self.order:
             return
-        future = self._future(len(self.order) * 2 + 2)
         for needed_at, layer in enumerate(future[:self.prefetch]):
             if self._slot_of(layer) is not None:
                 continue
@@ -182,7 +181,7 @@ class SlotRing:
             after = torch.cuda.Event(enable_timing=True)
             after.record(compute)
             self.stats.wait_events.append((before, after))
-        self.prefetch_ahead()
+        self.prefetch_ahead(future[1:])
         return slot
 
     def release(self, layer: int) -> None:

@@ -107,15 +107,22 @@ def load_link_profile(path: str | Path | None = None) -> LinkProfile | None:
         raise InputError(
             f"link profile {path}: unreadable ({exc}); rerun `streamtune bench --link` or delete the file"
         ) from exc
+    return profile_from_measurement({**raw, "h2d_gbps": h2d, "matmul_tflops": tflops}, source=str(path))
+
+
+def profile_from_measurement(raw: dict, source: str = "measured") -> LinkProfile:
+    """A profile from measured speeds (``h2d_gbps``, ``matmul_tflops``, optional ``gpu_name``,
+    ``gpu_memory_bytes``, ``hbm_gbps``, ``dequant_gbps``); what is missing comes from the named profile
+    whose name appears in ``gpu_name`` (else the rtx4090 defaults)."""
     gpu_name = str(raw.get("gpu_name") or "measured")
     like = _closest_named(gpu_name)
     return LinkProfile(
         gpu_name=gpu_name,
         gpu_memory_bytes=int(raw.get("gpu_memory_bytes") or like.gpu_memory_bytes),
-        h2d_gbps=h2d, matmul_tflops=tflops,
+        h2d_gbps=float(raw["h2d_gbps"]), matmul_tflops=float(raw["matmul_tflops"]),
         hbm_gbps=float(raw.get("hbm_gbps") or like.hbm_gbps),
         dequant_gbps={str(k): float(v) for k, v in (raw.get("dequant_gbps") or {}).items()},
-        source=str(path),
+        source=source,
     )
 
 
