@@ -93,6 +93,7 @@ class MemoryConfig:
     ring_slots: int = _f(2, "GPU slots for streamed layers (>= 1).")
     prefetch: int = _f(1, "Layers copied ahead of the one computing (>= 0; capped by ring_slots - 1).")
     gradient_checkpointing: bool = _f(True, "Recompute each decoder layer in the backward instead of keeping its activations.")
+    cache_dir: str | None = _f(None, "Directory caching the packed (encoded) layers of a checkpoint directory, so the next run skips reading the shards and encoding; keyed by the checkpoint files, codec and dtype.")
 
 
 @dataclass

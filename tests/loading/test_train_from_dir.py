@@ -49,3 +49,26 @@ def test_adapter_loads_in_stock_peft_on_the_same_directory(trained):
         expected = live(input_ids=ids, use_cache=False).logits
         got = stock(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_dir_second_run_reads_packed_layers_and_trains_the_same(tmp_path, run_dict, capfd):
+    checkpoint = save_preset("tiny-gemma4", tmp_path / "gemma4", seed=2)
+    build_tiny_tokenizer().save_pretrained(str(checkpoint))
+    losses = []
+    for attempt in range(2):
+        raw = run_dict(tmp_path / f"run{attempt}", model={"name": str(checkpoint)},
+                       train={"max_steps": 3, "lr": 1e-2, "warmup_steps": 1}, lora={"rank": 4, "alpha": 8},
+                       memory={"stream": "all", "codec": "int8"})
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+        assert main(["train", str(tmp_path / "run.yaml"), "--cache-dir", str(tmp_path / "cache")]) == 0
+        losses.append([r["loss"] for r in read_metrics(tmp_path / f"run{attempt}")])
+    err = capfd.readouterr().err
+    assert "0 layer(s) read" in err and "4 layer(s) read" in err and ", 0 encoded and stored" in err
+    assert losses[0] == losses[1]
+
+
+def test_cache_dir_with_a_preset_is_refused_before_loading(tmp_path, run_dict, capsys):
+    raw = run_dict(tmp_path / "run", memory={"cache_dir": str(tmp_path / "cache")})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    assert "memory.cache_dir" in capsys.readouterr().err and not (tmp_path / "cache").exists()

@@ -48,6 +48,29 @@ def test_bf16_keeps_dtype_and_sizes_are_as_documented():
     assert bits_per_element("nf4", shape, torch.bfloat16) == pytest.approx(4 + 8 / 64 + 64 / (64 * 256), rel=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 65), (130,), (40, 300)])
+@pytest.mark.parametrize("name", list(CODECS))
+def test_encode_into_out_writes_every_byte_the_same_as_a_fresh_encode(name, shape):
+    codec = get_codec(name)
+    x = _tensor(shape, torch.bfloat16, seed=3)
+    expected = codec.encode(x)
+    # out= starts from garbage: the encoder must write every element (no reliance on zeroed memory)
+    out = {spec.name: torch.full(spec.shape, 77, dtype=torch.uint8).view(spec.dtype)
+           if spec.dtype.itemsize == 1 else torch.full(spec.shape, 7.5, dtype=spec.dtype)
+           for spec in codec.layout(shape, torch.bfloat16)}
+    result = codec.encode(x, out=out)
+    assert result is out
+    for key, part in expected.items():
+        assert torch.equal(out[key], part), key
+
+
+def test_encode_into_out_of_the_wrong_layout_is_rejected():
+    codec = get_codec("int8")
+    x = _tensor((4, 8), torch.bfloat16)
+    with pytest.raises(ValueError, match="scale"):
+        codec.encode(x, out={"q": torch.empty(4, 8, dtype=torch.int8), "scale": torch.empty(5)})
+
+
 @pytest.mark.parametrize("name", list(CODECS))
 def test_decode_into_out(name):
     codec = get_codec(name)

@@ -23,6 +23,9 @@ def add_parser(subparsers: Any, help_text: str) -> argparse.ArgumentParser:
                         help="dotted overrides, e.g. train.max_steps=200 lora.targets=[q_proj,v_proj]")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output.dir from its latest checkpoint")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="cache the packed (encoded) layers of a checkpoint directory in DIR; the next run "
+                             "reads them instead of the shards (same as memory.cache_dir=DIR)")
     parser.set_defaults(command="train")
     return parser
 
@@ -31,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
     """Load the config, train, print a summary. Returns the exit code."""
     from streamtune.config import load
 
-    cfg = load(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "cache_dir", None):
+        overrides.append(f"memory.cache_dir={args.cache_dir}")
+    cfg = load(args.config, overrides)
     from streamtune.train import train
 
     result = train(cfg, resume=args.resume)

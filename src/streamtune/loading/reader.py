@@ -229,6 +229,13 @@ class CheckpointReader:
         if not self._pending:
             self.close_progress()
 
+    def skip_layer(self, index: int) -> None:
+        """Stop waiting for decoder layer ``index``: its packed bytes came from elsewhere (the pack cache)."""
+        skipped = {id(source) for (layer, _), source in self._by_name.items() if layer == index}
+        self._pending = {pid: source for pid, source in self._pending.items() if id(source) not in skipped}
+        if not self._pending:
+            self.close_progress()
+
     def _job(self, index: int, name: str, param: Any) -> tuple[Any, Source] | None:
         """Give a placeholder parameter real CPU storage; returns (destination, source) or None."""
         import torch

@@ -56,7 +56,8 @@ def streamed_layers(num_layers: int, memory: Any, device: Any, plan: Any = None)
     return list(range(num_layers)) if str(device).startswith("cuda") else []
 
 
-def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, load_tensor: Any = None) -> Placement:
+def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, load_tensor: Any = None,
+          pack_cache: Any = None) -> Placement:
     """Put a (LoRA-wrapped) model on ``device`` according to ``memory`` (a MemoryConfig).
 
     Args:
@@ -68,6 +69,7 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, 
         plan: optional ``streamtune.plan`` Plan whose ``streamed_indices`` decide ``stream: auto``.
         load_tensor: optional ``(index, name, param) -> None`` filling each frozen weight just before
             it is packed (see :class:`StreamEngine`).
+        pack_cache: optional on-disk cache of packed layers (see :class:`StreamEngine`).
 
     Raises:
         ValueError: the plan names layers the model does not have.
@@ -78,5 +80,5 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, 
     streamed = streamed_layers(num_layers, memory, device, plan)
     engine = StreamEngine(model, device, streamed, codec=memory.codec, num_slots=memory.ring_slots,
                           prefetch=memory.prefetch, gradient_checkpointing=memory.gradient_checkpointing,
-                          load_tensor=load_tensor)
+                          load_tensor=load_tensor, pack_cache=pack_cache)
     return Placement(model, engine.device, engine, plan)

@@ -7,6 +7,8 @@ and written into one pinned uint8 buffer, parts at 256-byte aligned offsets; one
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -84,7 +86,7 @@ def frozen_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device: torch.device,
-               pin: bool, fill: Any = None) -> LayerPack:
+               pin: bool, fill: Any = None, cache: Any = None) -> LayerPack:
     """Encode the frozen parameters of ``layer`` into one host buffer and detach them from their storage.
 
     Each parameter's ``.data`` becomes a zero-byte placeholder of the right shape, dtype and device
@@ -99,7 +101,28 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
         pin: allocate the buffer in page-locked memory.
         fill: optional ``(name, param) -> None`` giving a placeholder parameter its real values just
             before it is encoded (a checkpoint reader): host RAM then holds one unpacked tensor at a time.
+        cache: optional pack cache (``streamtune.loading.cache.PackCache``): a layer it holds is
+            read from it instead of filled and encoded; a layer it lacks is written to it.
     """
+    entries, nbytes, decoded_nbytes = layout_layer(layer, codec_for)
+    buffer = alloc_host_buffer(nbytes, pin)
+    signature = layout_signature(entries) if cache is not None else ""
+    hit = cache is not None and cache.read_into(index, signature, buffer)
+    for entry in entries:
+        if not hit:
+            if fill is not None:
+                fill(entry.name, entry.param)
+            # encode straight into the buffer: no second copy of the encoded tensor, no fresh pages
+            views = {part.name: part_view(buffer, part) for part in entry.parts}
+            entry.codec.encode(entry.param.data.detach().cpu(), out=views)
+        entry.param.data = placeholder(entry.shape, entry.dtype, placeholder_device)
+    if cache is not None and not hit:
+        cache.write(index, signature, buffer)
+    return LayerPack(index, buffer, entries, decoded_nbytes)
+
+
+def layout_layer(layer: nn.Module, codec_for: Any) -> tuple[list[PackedTensor], int, int]:
+    """Where every frozen tensor's parts go: ``(entries, buffer bytes, decode workspace bytes)``."""
     entries = []
     offset = 0
     decoded_offset = 0
@@ -117,16 +140,14 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
             entry.decoded_offset_bytes = decoded_offset
             decoded_offset += entry.decoded_nbytes
         entries.append(entry)
-    buffer = alloc_host_buffer(_align(offset), pin)
-    for entry in entries:
-        if fill is not None:
-            fill(entry.name, entry.param)
-        encoded = entry.codec.encode(entry.param.data.detach().cpu())
-        for part in entry.parts:
-            view = part_view(buffer, part)
-            view.copy_(encoded[part.name].reshape(part.shape))
-        entry.param.data = placeholder(entry.shape, entry.dtype, placeholder_device)
-    return LayerPack(index, buffer, entries, decoded_offset)
+    return entries, _align(offset), decoded_offset
+
+
+def layout_signature(entries: list[PackedTensor]) -> str:
+    """SHA-256 of a layer's layout: every tensor's name, shape, dtype, codec and part placement."""
+    rows = [[e.name, list(e.shape), str(e.dtype), e.codec.name,
+             [[p.name, str(p.dtype), list(p.shape), p.offset_bytes, p.nbytes] for p in e.parts]] for e in entries]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def alloc_host_buffer(nbytes: int, pin: bool) -> torch.Tensor:

@@ -60,11 +60,17 @@ class Codec:
         """
         raise NotImplementedError
 
-    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, tensor: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Encode ``tensor`` (on the CPU) into contiguous parts matching ``layout``.
 
+        Args:
+            tensor: the tensor to encode.
+            out: CPU tensors to write the parts into (e.g. views of a packed host buffer), one per
+                part of ``layout`` with its dtype and shape; every element is written. Allocated
+                when None.
+
         Raises:
-            ValueError: the tensor's dtype is not floating.
+            ValueError: the tensor's dtype is not floating, or ``out`` does not match the layout.
         """
         raise NotImplementedError
 
@@ -95,6 +101,23 @@ class Codec:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def encode_target(codec: Codec, tensor: torch.Tensor, out: dict[str, torch.Tensor] | None,
+                  fill_zero: bool = False) -> dict[str, torch.Tensor]:
+    """The part tensors an ``encode`` call writes: ``out`` checked against the layout, or new ones.
+
+    Raises:
+        ValueError: the tensor's dtype is not floating, or ``out`` does not match the layout.
+    """
+    check_float_dtype(tensor.dtype, "tensor dtype")
+    if out is None:
+        make = torch.zeros if fill_zero else torch.empty
+        return {spec.name: make(spec.shape, dtype=spec.dtype) for spec in codec.layout(tuple(tensor.shape), tensor.dtype)}
+    check_parts(codec, out, tuple(tensor.shape), tensor.dtype)
+    if part_device(out).type != "cpu" or not all(part.is_contiguous() for part in out.values()):
+        raise ValueError(f"codec {codec.name!r}: encode writes into contiguous CPU tensors only")
+    return out
 
 
 def normalize_shape(shape) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from streamtune.quant.base import (
     check_float_dtype,
     check_out,
     decode_target,
+    encode_target,
     check_parts,
     normalize_shape,
     rows_per_chunk,
@@ -38,14 +39,17 @@ class Bf16Codec(Codec):
         check_float_dtype(dtype)
         return [PartSpec("data", dtype, normalize_shape(shape))]
 
-    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensor itself, made contiguous (a copy only when it was not).
+    def encode(self, tensor: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensor itself, made contiguous (a copy only when it was not, or into ``out``).
 
         Raises:
-            ValueError: the tensor's dtype is not floating.
+            ValueError: the tensor's dtype is not floating, or ``out`` does not match.
         """
         check_float_dtype(tensor.dtype, "tensor dtype")
-        return {"data": tensor.detach().contiguous()}
+        if out is None:
+            return {"data": tensor.detach().contiguous()}
+        encode_target(self, tensor, out)["data"].copy_(tensor.detach())
+        return out
 
     def decode(self, parts, shape, dtype, out=None) -> torch.Tensor:
         """A view of the stored part when ``out`` is None and the dtype matches, else a copy.
@@ -91,7 +95,7 @@ class Int8Codec(Codec):
         shape = normalize_shape(shape)
         return [PartSpec("q", torch.int8, shape), PartSpec("scale", torch.float32, shape[:-1])]
 
-    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, tensor: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Quantize row by row on the CPU, in chunks of about ``ENCODE_CHUNK_NUMEL`` elements.
 
         Chunks run on a pool of ``torch.get_num_threads()`` threads; peak extra memory is one float32
@@ -99,15 +103,14 @@ class Int8Codec(Codec):
         device is copied to the CPU first).
 
         Raises:
-            ValueError: the tensor's dtype is not floating.
+            ValueError: the tensor's dtype is not floating, or ``out`` does not match the layout.
         """
-        check_float_dtype(tensor.dtype, "tensor dtype")
+        parts = encode_target(self, tensor, out)
         shape = tuple(tensor.shape)
         row_numel = shape[-1] if shape else 1
-        q = torch.empty(shape, dtype=torch.int8)
-        scale = torch.empty(shape[:-1], dtype=torch.float32)
+        q, scale = parts["q"], parts["scale"]
         if tensor.numel() == 0:
-            return {"q": q, "scale": scale}
+            return parts
         rows = tensor.detach().cpu().contiguous().view(-1, row_numel)
         q_rows, scale_rows = q.view(-1, row_numel), scale.view(-1)
         step = rows_per_chunk(row_numel, ENCODE_CHUNK_NUMEL)
@@ -116,7 +119,7 @@ class Int8Codec(Codec):
             for start in range(0, rows.shape[0], step)
         ]
         run_chunks(encode_int8_rows, chunks)
-        return {"q": q, "scale": scale}
+        return parts
 
     def decode(self, parts, shape, dtype, out=None) -> torch.Tensor:
         """``q * scale`` per row, written into ``out`` (one fused kernel on CUDA, chunked on CPU).

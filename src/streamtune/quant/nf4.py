@@ -32,6 +32,7 @@ from streamtune.quant.base import (
     PartSpec,
     check_float_dtype,
     decode_target,
+    encode_target,
     normalize_shape,
 )
 from streamtune.quant.cpu_encode import (
@@ -118,20 +119,16 @@ class Nf4Codec(Codec):
             PartSpec("absmax_offset", torch.float32, (groups,)),
         ]
 
-    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, tensor: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Quantize on the CPU in chunks of ``ENCODE_CHUNK_BLOCKS`` blocks, on a pool of threads.
 
         Peak extra memory is a few float32 chunk buffers per thread, whatever the tensor size. The
         parts are CPU tensors (a tensor on another device is copied to the CPU first).
 
         Raises:
-            ValueError: the tensor's dtype is not floating.
+            ValueError: the tensor's dtype is not floating, or ``out`` does not match the layout.
         """
-        check_float_dtype(tensor.dtype, "tensor dtype")
-        parts = {
-            spec.name: torch.zeros(spec.shape, dtype=spec.dtype)
-            for spec in self.layout(tuple(tensor.shape), tensor.dtype)
-        }
+        parts = encode_target(self, tensor, out)
         flat = tensor.detach().cpu().contiguous().view(-1)
         chunk_numel = ENCODE_CHUNK_BLOCKS * BLOCK_NUMEL
         chunks = [

@@ -123,6 +123,7 @@ class Recipe:
         from streamtune.models.build import resolve_config
 
         resolve_config(self.cfg.model.name, self.cfg.model.trust_remote_code)
+        _check_cache_dir(self.cfg)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.train_loader, self.eval_loader, self.data_stats = build_data(
             self.cfg.data, self.tokenizer, self.cfg.train.batch_size, self.cfg.train.seed)
@@ -152,6 +153,7 @@ class Recipe:
 
         m = self.cfg.model
         self.checkpoint = None
+        self.load_stats = None
         if is_preset(m.name):
             self.model, self.arch = build_model(m.name, self.dtype, m.seed, m.trust_remote_code)
         else:
@@ -188,18 +190,28 @@ class Recipe:
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
         load_tensor = self.checkpoint.load_tensor if self.checkpoint is not None else None
+        self.pack_cache = self._pack_cache()
         try:
             self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
-                                   load_tensor=load_tensor)
+                                   load_tensor=load_tensor, pack_cache=self.pack_cache)
         finally:
             if self.checkpoint is not None:
                 self.load_stats = self.checkpoint.finish()
+        _report_loading(self.load_stats, self.pack_cache)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         from streamtune.train.schedule import build_scheduler
 
         self.scheduler = build_scheduler(self.optimizer, t)
+
+    def _pack_cache(self) -> Any:
+        if not self.cfg.memory.cache_dir or self.checkpoint is None:
+            return None
+        from streamtune.loading.cache import PackCache
+
+        return PackCache.for_checkpoint(self.cfg.memory.cache_dir, self.cfg.model.name, self.cfg.memory.codec,
+                                        self.dtype, on_hit=self.checkpoint.reader.skip_layer)
 
     def _restore(self, path: Path) -> None:
         from streamtune.lora import load_trainable_state
@@ -344,6 +356,30 @@ def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 def _num_tokens(batch: dict[str, Any]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def _check_cache_dir(cfg: Any) -> None:
+    from streamtune.models import is_preset
+
+    if cfg.memory.cache_dir and is_preset(cfg.model.name):
+        raise InputError(f"memory.cache_dir caches layers read from a checkpoint directory, but model.name is the "
+                         f"preset {cfg.model.name!r} (built in memory, nothing to cache): remove memory.cache_dir")
+
+
+def _report_loading(load_stats: dict[str, float] | None, pack_cache: Any) -> None:
+    """One stderr line: shard bytes read and their GB/s, pack-cache hits and their GB/s."""
+    import sys
+
+    if not load_stats:
+        return
+    line = f"weights: {load_stats['bytes_read'] / 1e9:.2f} GB read from the shards"
+    if load_stats["read_s"] > 0:
+        line += f" at {load_stats['gbps']:.2f} GB/s"
+    if pack_cache is not None:
+        stats = pack_cache.stats()
+        line += (f"; pack cache {pack_cache.directory}: {stats['hits']} layer(s) read "
+                 f"({stats['bytes_read'] / 1e9:.2f} GB at {stats['read_gbps']:.2f} GB/s), {stats['misses']} encoded and stored")
+    print(line, file=sys.stderr)
 
 
 def _check_vocab(model: Any, tokenizer: Any) -> None:
