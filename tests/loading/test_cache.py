@@ -13,7 +13,6 @@ import torch
 
 from streamtune.loading import open_checkpoint
 from streamtune.loading.cache import PackCache
-from streamtune.models.adapters import decoder_layers
 from streamtune.offload import place
 from tests.loading.ckpts import save_preset, shard_paths
 
@@ -127,3 +126,27 @@ def test_cache_dir_that_is_a_file_is_an_input_error(ckpt, tmp_path):
     blocker.write_text("x")
     with pytest.raises(InputError, match="memory.cache_dir"):
         PackCache.for_checkpoint(blocker, ckpt, "int8", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cache_reads_into_pinned_buffers_on_cuda(ckpt, tmp_path):
+    def load():
+        opened = open_checkpoint(ckpt, torch.float32, progress=False)
+        opened.model.requires_grad_(False)
+        cache = PackCache.for_checkpoint(tmp_path / "cache", ckpt, "nf4", torch.float32, on_hit=opened.reader.skip_layer)
+        memory = SimpleNamespace(stream="all", codec="nf4", ring_slots=2, prefetch=1, gradient_checkpointing=False)
+        placement = place(opened.model, opened.adapter, memory, "cuda", load_tensor=opened.load_tensor,
+                          pack_cache=cache)
+        opened.finish()
+        assert all(pack.buffer.is_pinned() for pack in placement.engine.packs.values())
+        with torch.no_grad():
+            logits = opened.model(input_ids=IDS.cuda(), use_cache=False).logits.cpu()
+        placement.close()
+        return logits, cache.stats()
+
+    first, first_stats = load()
+    second, second_stats = load()
+    assert first_stats["hits"] == 0 and second_stats["hits"] == first_stats["misses"] > 0
+    assert torch.equal(first, second)
+

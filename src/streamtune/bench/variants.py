@@ -22,6 +22,13 @@ from streamtune.bench.common import (
 )
 
 
+def host_rss_bytes() -> int:
+    """Resident set size of this process now (host RAM it holds, pinned buffers included)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 def _adamw(model: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -79,8 +86,13 @@ def run_streamtune(args: Any) -> list[StepResult]:
     model = attach_lora(build_random_model(config), args.lora_rank)
     budget = int(args.gpu_budget_gib * GIB)
     cap_gpu_memory(budget)
+    pack_started = time.perf_counter()
     engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
                           num_slots=args.ring_slots, prefetch=args.prefetch)
+    host = {"pack_s": time.perf_counter() - pack_started, "host_bytes": engine.host_bytes,
+            "host_rss_bytes": host_rss_bytes()}
+    print(f"[bench] packed {engine.host_bytes / 1e9:.2f} GB of {args.codec} layers in {host['pack_s']:.1f} s, "
+          f"process RSS {host['host_rss_bytes'] / 1e9:.2f} GB", flush=True)
     opt = _adamw(model)
     link = args.link_profile
 
@@ -90,7 +102,7 @@ def run_streamtune(args: Any) -> list[StepResult]:
                          loss_chunk_tokens=args.loss_chunk_tokens, suggest=False)
         engine.set_streamed(plan.streamed_indices)
         engine.step_metrics()
-        return {"num_streamed": len(plan.streamed_indices), "predicted_step_s": plan.step_seconds,
+        return {**host, "num_streamed": len(plan.streamed_indices), "predicted_step_s": plan.step_seconds,
                 "predicted_gpu_peak_bytes": plan.gpu_peak_bytes, "limited_by": plan.limited_by,
                 "plan_fits": plan.fits}
 
