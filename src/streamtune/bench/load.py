@@ -75,6 +75,18 @@ def drop_page_cache(paths: list[Path]) -> str:
     return "fadvise"
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries it across ``fork``/``exec``, so a child of a parent that once
+    held the whole model would report the parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def load_once(directory: Path, codec: str, device: str, cache_dir: str | None) -> dict[str, Any]:
     """Open ``directory`` and pack every layer in ``codec`` (this process); the measurements."""
     import psutil
@@ -105,7 +117,7 @@ def load_once(directory: Path, codec: str, device: str, cache_dir: str | None) -
                           load_tensor=opened.load_tensor, pack_cache=cache)
     stats = opened.finish()
     seconds = time.perf_counter() - started
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     num_bytes = checkpoint_bytes(directory)
     row = {"codec": codec, "from_cache": bool(cache and cache.num_hits), "load_s": seconds,
            "checkpoint_gbps": num_bytes / seconds / GB, "shard_bytes_read": stats["bytes_read"],
