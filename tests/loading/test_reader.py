@@ -187,3 +187,52 @@ def test_progress_bar_counts_gigabytes(saved, capsys):
     assert "loading weights" in err and "B/s" in err
     files = sum(p.stat().st_size for p in shard_paths(saved["tiny-llama"]))
     assert 0.9 * files < stats["bytes_read"] <= files
+
+
+def test_bf16_layers_are_read_straight_into_their_pack(saved):
+    stock = _stock(saved["tiny-qwen3-moe"])
+    opened = open_checkpoint(saved["tiny-qwen3-moe"], torch.float32, progress=False)
+    opened.model.requires_grad_(False)
+    destinations = []
+
+    def load_tensor(index, name, param, out=None):
+        destinations.append((index, out))
+        opened.load_tensor(index, name, param, out)
+
+    placement = place(opened.model, opened.adapter, _memory("all"), "cpu", load_tensor=load_tensor)
+    opened.finish()
+    assert destinations and all(out is not None for _, out in destinations)
+    for index, out in destinations:
+        buffer = placement.engine.packs[index].buffer
+        start = buffer.data_ptr()
+        assert start <= out.data_ptr() < start + buffer.numel()  # a view of the pack: no unpacked copy
+    assert torch.equal(_logits(opened.model), _logits(stock))
+    placement.close()
+
+
+def test_segments_are_handed_over_in_order_each_fully_read(saved, monkeypatch):
+    from streamtune.loading import reader as reader_module
+
+    monkeypatch.setattr(reader_module, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(reader_module, "SEGMENT_BYTES", 4096)
+    opened = open_checkpoint(saved["tiny-qwen3-moe"], torch.float32, progress=False)
+    layer = decoder_layers(opened.model)[0]
+    name, param = next((n, p) for n, p in layer.named_parameters() if p.dim() == 3)  # per-expert pieces
+    reference = _stock_param(saved["tiny-qwen3-moe"], name)
+    ranges = []
+
+    def consume(start, stop):
+        flat = param.data.reshape(-1)
+        assert torch.equal(flat[:stop], reference.reshape(-1)[:stop])  # everything before stop is read
+        ranges.append((start, stop))
+
+    opened.load_tensor(0, name, param, segment_numel=64, consume=consume)
+    assert len(ranges) > 3 and ranges[0][0] == 0 and ranges[-1][1] == param.numel()
+    assert all(a[1] == b[0] and a[0] % 64 == 0 for a, b in zip(ranges, ranges[1:]))
+    opened.reader.close()
+
+
+def _stock_param(directory, name):
+    from streamtune.models.adapters import decoder_layers as layers_of
+
+    return dict(layers_of(_stock(directory))[0].named_parameters())[name].detach()

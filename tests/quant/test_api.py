@@ -165,3 +165,29 @@ def test_pack_rejects_a_short_buffer():
         part_views(torch.empty(end - 1, dtype=torch.uint8), placed)
     with pytest.raises(ValueError, match="1-D uint8"):
         part_views(torch.empty(end, dtype=torch.int8), placed)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 65), (40000,), (2, 300, 128), (5,)])
+@pytest.mark.parametrize("name", list(CODECS))
+def test_encoding_by_segments_writes_the_bytes_of_a_whole_encode(name, shape):
+    codec = get_codec(name)
+    x = _tensor(shape, torch.bfloat16, seed=5)
+    expected = codec.encode(x)
+    parts = {spec.name: torch.full(spec.shape, 3, dtype=torch.uint8).view(spec.dtype) if spec.dtype.itemsize == 1
+             else torch.full(spec.shape, 9.0, dtype=spec.dtype) for spec in codec.layout(shape, torch.bfloat16)}
+    flat, numel = x.reshape(-1), x.numel()
+    step = codec.segment_numel(shape)
+    segment = step * max(1, 3000 // step)  # several segments, the last one short
+    for start in range(0, numel, segment):
+        codec.encode_segment(flat, start, min(start + segment, numel), shape, parts)
+    for key, part in expected.items():
+        assert torch.equal(parts[key], part), key
+
+
+@pytest.mark.parametrize("name", ["int8", "nf4"])
+def test_unaligned_segment_is_rejected(name):
+    codec = get_codec(name)
+    shape = (4, 40000)
+    parts = codec.encode(torch.zeros(shape))
+    with pytest.raises(ValueError, match="not aligned"):
+        codec.encode_segment(torch.zeros(160000), 1, 50000, shape, parts)

@@ -29,9 +29,10 @@ class OpenedCheckpoint:
     adapter: Any
     reader: CheckpointReader
 
-    def load_tensor(self, index: int, name: str, param: Any) -> None:
+    def load_tensor(self, index: int, name: str, param: Any, out: Any = None, segment_numel: int | None = None,
+                    consume: Any = None) -> None:
         """The engine's ``load_tensor`` hook (see :meth:`CheckpointReader.load_tensor`)."""
-        self.reader.load_tensor(index, name, param)
+        self.reader.load_tensor(index, name, param, out, segment_numel, consume)
 
     def finish(self) -> dict[str, float]:
         """Check that every layer was read, close the reader; returns its :meth:`~CheckpointReader.stats`.

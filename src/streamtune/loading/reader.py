@@ -24,6 +24,7 @@ from streamtune.loading import names as nm
 from streamtune.loading.shards import ShardSet, TensorInfo
 
 CHUNK_BYTES = 16 * 2**20
+SEGMENT_BYTES = 64 * 2**20  # unpacked bytes handed to the encoder at once while the rest is read
 MAX_LISTED = 8
 
 
@@ -214,17 +215,30 @@ class CheckpointReader:
         if not self._pending:
             self.close_progress()
 
-    def load_tensor(self, index: int, name: str, param: Any) -> None:
+    def load_tensor(self, index: int, name: str, param: Any, out: Any = None, segment_numel: int | None = None,
+                    consume: Any = None) -> None:
         """Read one placeholder parameter of decoder layer ``index`` (the engine's per-tensor hook).
 
-        The engine encodes it right after, so host RAM holds one unpacked tensor at a time.
+        Without ``out`` the parameter gets CPU storage holding its values; the engine encodes it right
+        after, so host RAM holds one unpacked tensor at a time. With ``out`` (a CPU tensor of the
+        parameter's shape, e.g. its place in a packed host buffer) the values are read straight into
+        ``out``, converted chunk by chunk when the checkpoint's dtype differs, and the parameter stays
+        a placeholder: no unpacked copy at all.
+
+        With ``consume`` (and ``segment_numel``), ``consume(start, stop)`` is called in this thread
+        for consecutive element ranges of the flattened parameter, multiples of ``segment_numel``
+        (the last one ends at the tensor's end), each as soon as every element before ``stop`` has
+        been read, while the reader threads go on with the rest: the caller encodes the first
+        segments of a tensor while the disk delivers the next ones.
 
         Raises:
             InputError: a shard ended early while reading.
         """
         release_free_heap()  # the previous tensor's unpacked copy and codec temporaries
-        job = self._job(index, name, param)
-        if job is not None:
+        job = self._job(index, name, param, out)
+        if job is not None and consume is not None:
+            self._read_in_order(job, segment_numel or 1, consume)
+        elif job is not None:
             self._read([job])
         if not self._pending:
             self.close_progress()
@@ -236,8 +250,11 @@ class CheckpointReader:
         if not self._pending:
             self.close_progress()
 
-    def _job(self, index: int, name: str, param: Any) -> tuple[Any, Source] | None:
-        """Give a placeholder parameter real CPU storage; returns (destination, source) or None."""
+    def _job(self, index: int, name: str, param: Any, out: Any = None) -> tuple[Any, Source] | None:
+        """(destination, source) of a placeholder parameter, or None when it is not one.
+
+        The destination is ``out`` when given, else new CPU storage given to the parameter.
+        """
         import torch
 
         source = self._pending.pop(id(param), None)
@@ -245,10 +262,13 @@ class CheckpointReader:
             source = self._by_name.get((index, nm.stock_name(name)))
         if source is None:
             return None
+        if out is not None:
+            return out, source
         param.data = torch.empty(tuple(param.shape), dtype=param.dtype)
         return param.data, source
 
-    def _read(self, jobs: list[tuple[Any, Source]]) -> None:
+    def _chunks(self, jobs: list[tuple[Any, Source]]) -> list[tuple[TensorInfo, int, Any]]:
+        """``(shard tensor, first element, destination view)`` per read of at most ``CHUNK_BYTES``."""
         chunks = []
         for tensor, source in jobs:
             for piece, info in source.pieces:
@@ -256,18 +276,49 @@ class CheckpointReader:
                 step = max(1, CHUNK_BYTES // flat.element_size())
                 for start in range(0, flat.numel(), step):
                     chunks.append((info, start, flat[start:start + step]))
-        if not chunks:
-            return
+        return chunks
+
+    def _start(self, chunks: list[tuple[TensorInfo, int, Any]]) -> None:
         if self._bar is None and self.progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total_bytes + sum(c[2].numel() for c in chunks), unit="B",
                              unit_scale=True, unit_divisor=1000, desc="loading weights", leave=False)
-        started = time.perf_counter()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="streamtune-load")
+
+    def _read(self, jobs: list[tuple[Any, Source]]) -> None:
+        chunks = self._chunks(jobs)
+        if not chunks:
+            return
+        self._start(chunks)
+        started = time.perf_counter()
         for _ in self._pool.map(self._read_chunk, chunks):
             pass
+        self.read_s += time.perf_counter() - started
+
+    def _read_in_order(self, job: tuple[Any, Source], segment_numel: int, consume: Any) -> None:
+        """Read one tensor in element order, handing each finished segment to ``consume`` (see load_tensor)."""
+        tensor = job[0]
+        base_ptr, item_bytes, numel = tensor.data_ptr(), tensor.element_size(), tensor.numel()
+        # every piece is a contiguous element range of the tensor: order the reads by position
+        chunks = sorted(self._chunks([job]), key=lambda chunk: chunk[2].data_ptr())
+        self._start(chunks)
+        started = time.perf_counter()
+        futures = [self._pool.submit(self._read_chunk, chunk) for chunk in chunks]
+        firsts = [(chunk[2].data_ptr() - base_ptr) // item_bytes for chunk in chunks]
+        step = max(1, SEGMENT_BYTES // item_bytes // segment_numel) * segment_numel
+        waited = 0
+        try:
+            for start in range(0, numel, step):
+                stop = min(start + step, numel)
+                while waited < len(futures) and firsts[waited] < stop:  # every read that lands before stop
+                    futures[waited].result()
+                    waited += 1
+                consume(start, stop)
+        finally:
+            for future in futures[waited:]:  # never leave reads running into a tensor given up on
+                future.cancel() or future.exception()
         self.read_s += time.perf_counter() - started
 
     def _read_chunk(self, chunk: tuple[TensorInfo, int, Any]) -> None:

@@ -67,7 +67,7 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, 
             gradient_checkpointing).
         device: compute device.
         plan: optional ``streamtune.plan`` Plan whose ``streamed_indices`` decide ``stream: auto``.
-        load_tensor: optional ``(index, name, param) -> None`` filling each frozen weight just before
+        load_tensor: optional ``(index, name, param, out=None) -> None`` filling each frozen weight just before
             it is packed (see :class:`StreamEngine`).
         pack_cache: optional on-disk cache of packed layers (see :class:`StreamEngine`).
 

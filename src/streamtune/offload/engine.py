@@ -56,9 +56,10 @@ class StreamEngine:
         num_slots: GPU ring size.
         prefetch: layers copied ahead.
         gradient_checkpointing: checkpoint resident layers too.
-        load_tensor: optional ``(index, name, param) -> None`` called just before each frozen
-            parameter is encoded, to give it its values (a checkpoint reader: host RAM then never
-            holds more than one unpacked tensor).
+        load_tensor: optional ``(index, name, param, out=None) -> None`` called just before each
+            frozen parameter is encoded, to give it its values (a checkpoint reader: host RAM then
+            never holds more than one unpacked tensor); with ``out`` (bf16 layers) it reads straight
+            into the packed buffer.
         pack_cache: optional ``streamtune.loading.cache.PackCache``: layers it holds are read from
             disk already packed (no ``load_tensor`` call, no encode); the others are written to it.
 

@@ -7,6 +7,7 @@ and written into one pinned uint8 buffer, parts at 256-byte aligned offsets; one
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -99,8 +100,11 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
         codec_for: callable ``(param_name, shape) -> Codec`` (streamtune.quant codec objects).
         placeholder_device: where the placeholders live (the compute device).
         pin: allocate the buffer in page-locked memory.
-        fill: optional ``(name, param) -> None`` giving a placeholder parameter its real values just
-            before it is encoded (a checkpoint reader): host RAM then holds one unpacked tensor at a time.
+        fill: optional ``(name, param, out=None, segment_numel=None, consume=None) -> None`` giving a
+            placeholder parameter its real values just before it is encoded (a checkpoint reader):
+            host RAM then holds one unpacked tensor at a time. An identity-codec tensor is read with
+            ``out``, its place in the buffer, straight into it; other codecs pass ``consume``, which
+            encodes each segment as soon as it is read (see ``CheckpointReader.load_tensor``).
         cache: optional pack cache (``streamtune.loading.cache.PackCache``): a layer it holds is
             read from it instead of filled and encoded; a layer it lacks is written to it.
     """
@@ -110,15 +114,36 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
     hit = cache is not None and cache.read_into(index, signature, buffer)
     for entry in entries:
         if not hit:
-            if fill is not None:
-                fill(entry.name, entry.param)
-            # encode straight into the buffer: no second copy of the encoded tensor, no fresh pages
-            views = {part.name: part_view(buffer, part) for part in entry.parts}
-            entry.codec.encode(entry.param.data.detach().cpu(), out=views)
+            _fill_and_encode(entry, buffer, fill)
         entry.param.data = placeholder(entry.shape, entry.dtype, placeholder_device)
     if cache is not None and not hit:
         cache.write(index, signature, buffer)
     return LayerPack(index, buffer, entries, decoded_nbytes)
+
+
+def _fill_and_encode(entry: PackedTensor, buffer: torch.Tensor, fill: Any) -> None:
+    """Give ``entry`` its values and write its encoded parts into ``buffer``.
+
+    An identity-codec tensor is read by ``fill`` straight into its place in the buffer (no
+    unpacked copy, no memcpy); other codecs encode the filled tensor straight into their parts.
+    """
+    views = {part.name: part_view(buffer, part) for part in entry.parts}
+    unfilled = entry.param.data.untyped_storage().nbytes() < entry.decoded_nbytes  # still a placeholder
+    if fill is not None and unfilled and entry.codec.is_identity:
+        fill(entry.name, entry.param, out=views[entry.parts[0].name])
+        return
+    if fill is not None and unfilled and entry.codec.segment_numel(entry.shape) is not None:
+        # encode each segment as soon as it is read, while the reader threads fetch the next ones
+        encode = functools.partial(_encode_segment, entry, views)
+        fill(entry.name, entry.param, segment_numel=entry.codec.segment_numel(entry.shape), consume=encode)
+        return
+    if fill is not None:
+        fill(entry.name, entry.param)
+    entry.codec.encode(entry.param.data.detach().cpu(), out=views)
+
+
+def _encode_segment(entry: PackedTensor, views: dict[str, torch.Tensor], start: int, stop: int) -> None:
+    entry.codec.encode_segment(entry.param.data.detach().reshape(-1), start, stop, entry.shape, views)
 
 
 def layout_layer(layer: nn.Module, codec_for: Any) -> tuple[list[PackedTensor], int, int]:

@@ -74,6 +74,23 @@ class Codec:
         """
         raise NotImplementedError
 
+    def segment_numel(self, shape: tuple[int, ...]) -> int | None:
+        """Granularity of :meth:`encode_segment` in elements of the flattened tensor (None: whole tensors only)."""
+        return None
+
+    def encode_segment(self, flat: torch.Tensor, start: int, stop: int, shape: tuple[int, ...],
+                       parts: dict[str, torch.Tensor]) -> None:
+        """Encode elements ``start:stop`` of the flattened tensor ``flat`` (of ``shape``) into their
+        slices of ``parts`` (the whole tensor's parts), the same bytes a whole ``encode`` writes there.
+
+        ``start`` must be a multiple of :meth:`segment_numel`, and ``stop`` one too or the end.
+        Lets a loader encode the first segments of a tensor while the rest is still being read.
+
+        Raises:
+            ValueError: the codec has no segments, or the range is not aligned.
+        """
+        raise ValueError(f"codec {self.name!r} encodes whole tensors only")
+
     def decode(
         self,
         parts: dict[str, torch.Tensor],
@@ -118,6 +135,21 @@ def encode_target(codec: Codec, tensor: torch.Tensor, out: dict[str, torch.Tenso
     if part_device(out).type != "cpu" or not all(part.is_contiguous() for part in out.values()):
         raise ValueError(f"codec {codec.name!r}: encode writes into contiguous CPU tensors only")
     return out
+
+
+def check_segment(codec: Codec, shape: tuple[int, ...], start: int, stop: int) -> int:
+    """Check an ``encode_segment`` range; returns the tensor's element count.
+
+    Raises:
+        ValueError: the codec has no segments, or the range is not aligned or out of bounds.
+    """
+    step = codec.segment_numel(shape)
+    numel = math.prod(shape)
+    if step is None:
+        raise ValueError(f"codec {codec.name!r} encodes whole tensors only")
+    if not (0 <= start < stop <= numel) or start % step or (stop % step and stop != numel):
+        raise ValueError(f"codec {codec.name!r}: segment {start}:{stop} of {numel} elements is not aligned to {step}")
+    return numel
 
 
 def normalize_shape(shape) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from streamtune.quant.base import (
     decode_target,
     encode_target,
     check_parts,
+    check_segment,
     normalize_shape,
     rows_per_chunk,
 )
@@ -72,6 +73,20 @@ class Bf16Codec(Codec):
             return data.to(dtype)
 
 
+    def segment_numel(self, shape) -> int:
+        """Any element range."""
+        return 1
+
+    def encode_segment(self, flat, start, stop, shape, parts) -> None:
+        """Copy elements ``start:stop`` into ``parts["data"]``.
+
+        Raises:
+            ValueError: the range is out of bounds.
+        """
+        check_segment(self, normalize_shape(shape), start, stop)
+        parts["data"].view(-1)[start:stop].copy_(flat[start:stop])
+
+
 class Int8Codec(Codec):
     """Symmetric int8 per row of the last dimension (``scale = absmax / 127``, round to nearest).
 
@@ -120,6 +135,25 @@ class Int8Codec(Codec):
         ]
         run_chunks(encode_int8_rows, chunks)
         return parts
+
+    def segment_numel(self, shape) -> int:
+        """Whole rows of the last dimension."""
+        shape = normalize_shape(shape)
+        return shape[-1] if shape else 1
+
+    def encode_segment(self, flat, start, stop, shape, parts) -> None:
+        """Quantize the rows in elements ``start:stop`` into their rows of ``parts``.
+
+        Raises:
+            ValueError: the range is not made of whole rows.
+        """
+        shape = normalize_shape(shape)
+        check_segment(self, shape, start, stop)
+        row_numel = self.segment_numel(shape)
+        first, last = start // row_numel, stop // row_numel
+        rows = flat[start:stop].view(-1, row_numel)
+        out = {"q": parts["q"].view(-1, row_numel)[first:last], "scale": parts["scale"].view(-1)[first:last]}
+        self.encode(rows, out=out)
 
     def decode(self, parts, shape, dtype, out=None) -> torch.Tensor:
         """``q * scale`` per row, written into ``out`` (one fused kernel on CUDA, chunked on CPU).

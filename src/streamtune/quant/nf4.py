@@ -31,6 +31,7 @@ from streamtune.quant.base import (
     Codec,
     PartSpec,
     check_float_dtype,
+    check_segment,
     decode_target,
     encode_target,
     normalize_shape,
@@ -139,6 +140,28 @@ class Nf4Codec(Codec):
         ]
         run_chunks(self._encode_chunk, chunks)
         return parts
+
+    def segment_numel(self, shape) -> int:
+        """Whole double-quantization groups (16384 elements), or whole blocks without them."""
+        return BLOCK_NUMEL * DQ_GROUP_BLOCKS if self.double_quant else BLOCK_NUMEL
+
+    def encode_segment(self, flat, start, stop, shape, parts) -> None:
+        """Quantize elements ``start:stop`` into their blocks (and groups) of ``parts``.
+
+        Raises:
+            ValueError: the range does not start (and end, unless at the tensor's end) on a group.
+        """
+        check_segment(self, normalize_shape(shape), start, stop)
+        first_block, last_block = start // BLOCK_NUMEL, num_blocks(stop)
+        out = {"q": parts["q"][first_block * BLOCK_NUMEL // 2:last_block * BLOCK_NUMEL // 2]}
+        if self.double_quant:
+            first_group, last_group = first_block // DQ_GROUP_BLOCKS, -(-last_block // DQ_GROUP_BLOCKS)
+            out["absmax_q"] = parts["absmax_q"][first_group * DQ_GROUP_BLOCKS:last_group * DQ_GROUP_BLOCKS]
+            out["absmax_scale"] = parts["absmax_scale"][first_group:last_group]
+            out["absmax_offset"] = parts["absmax_offset"][first_group:last_group]
+        else:
+            out["absmax"] = parts["absmax"][first_block:last_block]
+        self.encode(flat[start:stop], out=out)
 
     def _encode_chunk(self, chunk: torch.Tensor, first_block: int, parts: dict[str, torch.Tensor]) -> None:
         """Encode one chunk (a whole number of DQ groups, except at the tensor's end) into ``parts``."""
