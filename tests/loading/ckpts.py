@@ -59,3 +59,12 @@ def shard_paths(directory: Path) -> list[Path]:
 
 def weight_map(directory: Path) -> dict[str, str]:
     return json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def working_copy(pristine: Path, tmp_path: Path) -> Path:
+    """A copy of the checkpoint ``pristine`` under ``tmp_path`` that a test may damage."""
+    import shutil
+
+    directory = tmp_path / pristine.name
+    shutil.copytree(pristine, directory)
+    return directory

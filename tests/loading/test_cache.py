@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ import torch
 from streamtune.loading import open_checkpoint
 from streamtune.loading.cache import PackCache
 from streamtune.offload import place
-from tests.loading.ckpts import save_preset, shard_paths
+from tests.loading.ckpts import save_preset, working_copy, shard_paths
 
 IDS = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -26,9 +25,7 @@ def pristine(tmp_path_factory):
 
 @pytest.fixture
 def ckpt(tmp_path, pristine):
-    directory = tmp_path / "tiny-gemma4"
-    shutil.copytree(pristine, directory)
-    return directory
+    return working_copy(pristine, tmp_path)
 
 
 def _load(directory, cache_dir, codec="int8"):

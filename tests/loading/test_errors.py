@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from streamtune.errors import InputError
 from streamtune.loading import load_checkpoint, open_checkpoint
-from tests.loading.ckpts import save_preset, weight_map
+from tests.loading.ckpts import save_preset, working_copy, weight_map
 
 NAME = "model.layers.1.self_attn.q_proj.weight"
 
@@ -24,9 +24,7 @@ def pristine(tmp_path_factory):
 
 @pytest.fixture
 def ckpt(tmp_path, pristine):
-    directory = tmp_path / "llama"
-    shutil.copytree(pristine, directory)
-    return directory
+    return working_copy(pristine, tmp_path)
 
 
 def _rewrite_shard_of(directory, name, edit):
