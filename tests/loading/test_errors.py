@@ -120,3 +120,20 @@ def test_shard_truncated_after_opening_is_caught_while_reading(ckpt):
     with pytest.raises(InputError, match=rf"{re.escape(shard.name)}: truncated while reading tensor"):
         opened.reader.load_all(opened.model)
     opened.reader.close()
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8", "nf4"])
+def test_truncated_shard_through_the_engine_names_the_shard(ckpt, codec):
+    from types import SimpleNamespace
+
+    from streamtune.offload import place
+
+    opened = open_checkpoint(ckpt, torch.float32, progress=False)
+    opened.model.requires_grad_(False)
+    shard = ckpt / weight_map(ckpt)[NAME]
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+    memory = SimpleNamespace(stream="all", codec=codec, ring_slots=2, prefetch=1, gradient_checkpointing=False)
+    with pytest.raises(InputError, match=rf"{re.escape(shard.name)}: truncated while reading tensor"):
+        place(opened.model, opened.adapter, memory, "cpu", load_tensor=opened.load_tensor)
+    opened.reader.close()
