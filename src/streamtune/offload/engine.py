@@ -222,6 +222,11 @@ class StreamEngine:
             "gpu_resident_bytes": self.gpu_resident_bytes,
         }
 
+    def tensor_codecs(self) -> dict[str, str]:
+        """``{"layers.<i>.<param name>": codec name}`` for every packed frozen tensor."""
+        return {f"layers.{index}.{entry.name}": entry.codec.name
+                for index, pack in sorted(self.packs.items()) for entry in pack.tensors}
+
     def close(self, device: torch.device | str | None = None) -> None:
         """Undo the engine: decode every layer into ordinary tensors on ``device`` (default: CPU)."""
         target = torch.device(device) if device is not None else torch.device("cpu")

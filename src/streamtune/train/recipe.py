@@ -27,6 +27,7 @@ from streamtune.train.rundir import check_run_dir, init_run_dir
 
 BASE_DIR = "base"
 ADAPTER_DIR = "adapter"
+PLACEMENT_FILE = "placement.json"
 MAX_SAVED_BASE_BYTES = 2 * 2**30
 
 
@@ -198,12 +199,27 @@ class Recipe:
             if self.checkpoint is not None:
                 self.load_stats = self.checkpoint.finish()
         _report_loading(self.load_stats, self.pack_cache)
+        self._record_placement()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         from streamtune.train.schedule import build_scheduler
 
         self.scheduler = build_scheduler(self.optimizer, t)
+
+    def _record_placement(self) -> None:
+        """``RUN/placement.json``: where each layer lives and which codec stores each frozen tensor."""
+        import json
+        import os
+
+        record = {**self.placement.describe(), "device": str(self.device),
+                  "tensor_codecs": self.placement.engine.tensor_codecs(), "loading": self.load_stats,
+                  "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None}
+        path = self.run_dir / PLACEMENT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        self.base_info["codec"] = self.cfg.memory.codec
 
     def _pack_cache(self) -> Any:
         if not self.cfg.memory.cache_dir or self.checkpoint is None:
