@@ -10,15 +10,9 @@ import json
 import sys
 import time
 
-import psutil
 import torch
 
-
-def peak_rss_bytes() -> int:
-    for line in open("/proc/self/status").read().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from streamtune.hostmem import peak_rss_bytes, rss_bytes
 
 
 def main(directory: str, codec: str) -> None:
@@ -30,7 +24,7 @@ def main(directory: str, codec: str) -> None:
     from streamtune.offload import place
 
     causal_lm_class(resolve_config(directory))  # imports the modeling code before the baseline
-    baseline_bytes = psutil.Process().memory_info().rss
+    baseline_bytes = rss_bytes()
     import_peak_bytes = peak_rss_bytes()
     if import_peak_bytes > baseline_bytes + (64 << 20):
         raise SystemExit(f"import peak {import_peak_bytes} far above the baseline {baseline_bytes}: "
@@ -50,7 +44,7 @@ def main(directory: str, codec: str) -> None:
     print(json.dumps({
         "baseline_bytes": baseline_bytes,
         "peak_bytes": peak_rss_bytes(),
-        "final_bytes": psutil.Process().memory_info().rss,
+        "final_bytes": rss_bytes(),
         "host_pack_bytes": placement.engine.host_bytes, "other_bytes": other_bytes,
         "layer_bytes": layer_bf16_bytes, "largest_tensor_bytes": largest_bytes,
         "bytes_read": stats["bytes_read"], "read_gbps": stats["gbps"], "wall_s": wall_s,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -75,34 +74,21 @@ def drop_page_cache(paths: list[Path]) -> str:
     return "fadvise"
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process (``VmHWM``).
-
-    Not ``ru_maxrss``: Linux carries it across ``fork``/``exec``, so a child of a parent that once
-    held the whole model would report the parent's size.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def load_once(directory: Path, codec: str, device: str, cache_dir: str | None) -> dict[str, Any]:
     """Open ``directory`` and pack every layer in ``codec`` (this process); the measurements."""
-    import psutil
     import torch
 
+    from streamtune.hostmem import peak_rss_bytes, rss_bytes
     from streamtune.loading import open_checkpoint
     from streamtune.loading.cache import PackCache
     from streamtune.models.adapters import decoder_layers
-    from streamtune.offload import StreamEngine
-
     from streamtune.models.build import build_empty, resolve_config
+    from streamtune.offload import StreamEngine
 
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # the CUDA context is part of the baseline, not of loading
     build_empty(resolve_config(str(directory)), torch.bfloat16, device="meta")  # imports, not loading
-    baseline_rss = psutil.Process().memory_info().rss
+    baseline_rss = rss_bytes()
     started = time.perf_counter()
     opened = open_checkpoint(directory, torch.bfloat16, progress=False)
     opened.model.requires_grad_(False)

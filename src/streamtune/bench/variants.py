@@ -20,13 +20,7 @@ import torch
 from streamtune.bench.common import (
     GIB, StepResult, attach_lora, bench_config, build_random_model, cap_gpu_memory, random_batch, timed_steps,
 )
-
-
-def host_rss_bytes() -> int:
-    """Resident set size of this process now (host RAM it holds, pinned buffers included)."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
+from streamtune.hostmem import rss_bytes
 
 
 def _adamw(model: Any) -> torch.optim.Optimizer:
@@ -90,7 +84,7 @@ def run_streamtune(args: Any) -> list[StepResult]:
     engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
                           num_slots=args.ring_slots, prefetch=args.prefetch)
     host = {"pack_s": time.perf_counter() - pack_started, "host_bytes": engine.host_bytes,
-            "host_rss_bytes": host_rss_bytes()}
+            "host_rss_bytes": rss_bytes()}
     print(f"[bench] packed {engine.host_bytes / 1e9:.2f} GB of {args.codec} layers in {host['pack_s']:.1f} s, "
           f"process RSS {host['host_rss_bytes'] / 1e9:.2f} GB", flush=True)
     opt = _adamw(model)

@@ -22,13 +22,14 @@ import functools
 import hashlib
 import json
 import os
-import threading
 import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+from streamtune.files import atomic_write_bytes
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 64 * 2**20
@@ -87,7 +88,6 @@ class PackCache:
         self.bytes_written = 0
         self.write_s = 0.0
         self.problems: list[str] = []
-        self._lock = threading.Lock()
 
     @classmethod
     def for_checkpoint(cls, cache_dir: str | Path, checkpoint_dir: str | Path, codec: str, dtype: Any,
@@ -167,7 +167,7 @@ class PackCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             key_path = self.directory / KEY_FILE
             if not key_path.is_file():
-                _atomic_write_bytes(key_path, json.dumps(self.key, indent=1).encode())
+                atomic_write_bytes(key_path, json.dumps(self.key, indent=1).encode())
             tmp = data_path.with_name(f"{data_path.name}.tmp-{os.getpid()}")
             with open(tmp, "wb") as handle:
                 handle.truncate(buffer.numel())
@@ -176,7 +176,7 @@ class PackCache:
             os.replace(tmp, data_path)
             meta = {"format": FORMAT_VERSION, "index": index, "signature": signature,
                     "nbytes": buffer.numel(), "chunk_bytes": CHUNK_BYTES, "crc32": crcs}
-            _atomic_write_bytes(meta_path, json.dumps(meta).encode())
+            atomic_write_bytes(meta_path, json.dumps(meta).encode())
         except OSError as exc:
             self.problems.append(f"layer {index}: not cached ({exc})")
             warnings.warn(f"streamtune pack cache {self.directory}: could not write layer {index}: {exc}", stacklevel=2)
@@ -222,12 +222,3 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

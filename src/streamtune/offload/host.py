@@ -132,10 +132,11 @@ def _fill_and_encode(entry: PackedTensor, buffer: torch.Tensor, fill: Any) -> No
     if fill is not None and unfilled and entry.codec.is_identity:
         fill(entry.name, entry.param, out=views[entry.parts[0].name])
         return
-    if fill is not None and unfilled and entry.codec.segment_numel(entry.shape) is not None:
+    segment_numel = entry.codec.segment_numel(entry.shape)
+    if fill is not None and unfilled and segment_numel is not None:
         # encode each segment as soon as it is read, while the reader threads fetch the next ones
         encode = functools.partial(_encode_segment, entry, views)
-        fill(entry.name, entry.param, segment_numel=entry.codec.segment_numel(entry.shape), consume=encode)
+        fill(entry.name, entry.param, segment_numel=segment_numel, consume=encode)
         return
     if fill is not None:
         fill(entry.name, entry.param)

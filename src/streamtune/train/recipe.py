@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtune.errors import InputError, StreamtuneError
+from streamtune.hostmem import rss_bytes
 from streamtune.train import checkpoint as ckpt
 from streamtune.train.loss import count_valid_tokens, lm_loss_sum
 from streamtune.train.metrics import MetricsLogger, check_tensorboard, truncate_metrics
@@ -172,7 +173,7 @@ class Recipe:
         self.base_info = {
             "model_name": m.name if is_preset(m.name) else str(Path(m.name).expanduser().resolve()),
             "preset": is_preset(m.name), "seed": m.seed, "dtype": str(self.dtype).removeprefix("torch."),
-            "trust_remote_code": m.trust_remote_code, "base_dir": None,
+            "trust_remote_code": m.trust_remote_code, "base_dir": None, "codec": self.cfg.memory.codec,
         }
         size_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if not is_preset(m.name) or size_bytes > MAX_SAVED_BASE_BYTES:
@@ -210,16 +211,13 @@ class Recipe:
     def _record_placement(self) -> None:
         """``RUN/placement.json``: where each layer lives and which codec stores each frozen tensor."""
         import json
-        import os
+
+        from streamtune.files import atomic_write_bytes
 
         record = {**self.placement.describe(), "device": str(self.device),
                   "tensor_codecs": self.placement.engine.tensor_codecs(), "loading": self.load_stats,
                   "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None}
-        path = self.run_dir / PLACEMENT_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
-        self.base_info["codec"] = self.cfg.memory.codec
+        atomic_write_bytes(self.run_dir / PLACEMENT_FILE, json.dumps(record, indent=1).encode())
 
     def _pack_cache(self) -> Any:
         if not self.cfg.memory.cache_dir or self.checkpoint is None:
@@ -313,7 +311,7 @@ class Recipe:
         return {
             "step": step, "loss": loss, "lr": lr, "tokens": tokens, "loss_tokens": loss_tokens,
             "step_s": step_s, "tok_s": tokens / step_s if step_s > 0 else 0.0, "grad_norm": grad_norm,
-            "gpu_peak_bytes": _gpu_peak(self.device), "host_rss_bytes": _host_rss(),
+            "gpu_peak_bytes": _gpu_peak(self.device), "host_rss_bytes": rss_bytes(),
             **self.placement.step_metrics(),
         }
 
@@ -437,9 +435,3 @@ def _gpu_peak(device: Any) -> int:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
-
-
-def _host_rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)

@@ -1,0 +1,27 @@
+"""Host memory of this process: the resident set now and its peak."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (host RAM it holds, pinned buffers included)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process (``VmHWM`` on Linux).
+
+    Not ``ru_maxrss`` where ``VmHWM`` exists: Linux carries ``ru_maxrss`` across ``fork``/``exec``, so a
+    child of a parent that once held the whole model would report the parent's size.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
