@@ -72,3 +72,15 @@ def test_cache_dir_with_a_preset_is_refused_before_loading(tmp_path, run_dict, c
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", str(tmp_path / "run.yaml")]) == 2
     assert "memory.cache_dir" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+
+def test_cache_dir_that_is_a_file_is_refused_before_loading(tmp_path, run_dict, capsys):
+    checkpoint = save_preset("tiny-gemma4", tmp_path / "gemma4")
+    build_tiny_tokenizer().save_pretrained(str(checkpoint))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    raw = run_dict(tmp_path / "run", model={"name": str(checkpoint)})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "run.yaml"), "--cache-dir", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert "memory.cache_dir" in err and "is not a directory" in err and not (tmp_path / "run").exists()

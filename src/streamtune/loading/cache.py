@@ -36,6 +36,20 @@ CHUNK_BYTES = 64 * 2**20
 KEY_FILE = "key.json"
 
 
+def check_cache_root(cache_dir: str | Path) -> Path:
+    """The cache root ``cache_dir`` (expanded); it may not exist yet.
+
+    Raises:
+        InputError: ``cache_dir`` exists and is not a directory.
+    """
+    from streamtune.errors import InputError
+
+    root = Path(cache_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"memory.cache_dir: {root} exists and is not a directory; point it at a directory")
+    return root
+
+
 def checkpoint_fingerprint(directory: str | Path) -> list[list[Any]]:
     """``[name, size, mtime_ns, sha256 of the safetensors header]`` of every file that defines the weights.
 
@@ -98,11 +112,8 @@ class PackCache:
             InputError: ``cache_dir`` exists and is not a directory.
         """
         from streamtune import __version__
-        from streamtune.errors import InputError
 
-        root = Path(cache_dir).expanduser()
-        if root.exists() and not root.is_dir():
-            raise InputError(f"memory.cache_dir: {root} exists and is not a directory; point it at a directory")
+        root = check_cache_root(cache_dir)
         checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
         key = {"format": FORMAT_VERSION, "streamtune": __version__, "codec": codec,
                "dtype": str(dtype).removeprefix("torch."), "checkpoint": str(checkpoint_dir),

@@ -373,11 +373,15 @@ def _num_tokens(batch: dict[str, Any]) -> int:
 
 
 def _check_cache_dir(cfg: Any) -> None:
+    from streamtune.loading.cache import check_cache_root
     from streamtune.models import is_preset
 
-    if cfg.memory.cache_dir and is_preset(cfg.model.name):
+    if not cfg.memory.cache_dir:
+        return
+    if is_preset(cfg.model.name):
         raise InputError(f"memory.cache_dir caches layers read from a checkpoint directory, but model.name is the "
                          f"preset {cfg.model.name!r} (built in memory, nothing to cache): remove memory.cache_dir")
+    check_cache_root(cfg.memory.cache_dir)
 
 
 def _report_loading(load_stats: dict[str, float] | None, pack_cache: Any) -> None:
