@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from streamtune.devices import measure_h2d, measure_matmul_tflops
+
 GIB = 1 << 30
 
 
@@ -101,33 +103,6 @@ def cap_gpu_memory(budget_bytes: int | None) -> None:
     fraction = 1.0 if budget_bytes is None else min(1.0, budget_bytes / total)
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
     torch.cuda.empty_cache()
-
-
-def measure_h2d(nbytes: int = GIB, pinned: bool = True, repeats: int = 5) -> float:
-    """Host-to-device copy speed in GB/s (best of ``repeats``)."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dev.copy_(host, non_blocking=pinned)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
-
-
-def measure_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
-    """Achieved bf16 matmul TFLOP/s on an n x n x n product."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def measure_link() -> dict[str, Any]:

@@ -44,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _link_profile(link: dict[str, Any]) -> Any:
+    from streamtune.devices import PLANNER_MATMUL_FRACTION
     from streamtune.plan.profiles import profile_from_measurement
 
-    # the planner's compute model was fitted with 0.8 of the 8192^3 matmul speed (layers reach less)
-    return profile_from_measurement({**link, "matmul_tflops": link["matmul_tflops"] * 0.8})
+    return profile_from_measurement({**link, "matmul_tflops": link["matmul_tflops"] * PLANNER_MATMUL_FRACTION})
 
 
 def run_child(args: argparse.Namespace) -> int:
@@ -83,10 +83,12 @@ def run(args: argparse.Namespace) -> int:
     link = measure_link()
     print(f"[bench] link: {json.dumps(link)}", flush=True)
     if args.link:
+        from streamtune.devices import PLANNER_MATMUL_FRACTION
         from streamtune.plan import save_link_profile
 
-        path = save_link_profile(link["h2d_gbps"], link["matmul_tflops"], link["gpu_name"], link["dequant_gbps"],
-                                 gpu_memory_bytes=link["gpu_memory_bytes"])
+        # cached as the planner uses it (the same scaling as the bench's own predictions)
+        path = save_link_profile(link["h2d_gbps"], link["matmul_tflops"] * PLANNER_MATMUL_FRACTION,
+                                 link["gpu_name"], link["dequant_gbps"], gpu_memory_bytes=link["gpu_memory_bytes"])
         print(f"link profile saved to {path}")
         return 0
     results: list[dict[str, Any]] = []
@@ -137,20 +139,29 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _ratios(report: dict[str, Any]) -> list[str]:
+    """One line per streamtune token count: step time against its bound and the baselines' speed.
+
+    The bound is max(resident step, streamed bytes / pinned H2D); a part that was not measured (resident
+    skipped, nothing streamed, a variant that failed) is left out, and the line says so.
+    """
     by = {(r["variant"], r.get("tokens")): r for r in report["results"]}
-    h2d = report["link"]["h2d_gbps"] * 1e9
+    h2d_bytes_per_s = (report.get("link") or {}).get("h2d_gbps", 0.0) * 1e9
     lines = []
     for (variant, tokens), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if variant != "streamtune" or not r.get("step_s"):
             continue
         resident = (by.get(("resident", tokens)) or {}).get("step_s")
-        bound = max(resident or 0.0, (r.get("h2d_bytes") or 0.0) / h2d)
-        line = f"{tokens:>6} tokens: streamtune/bound = {r['step_s'] / bound:.2f} (target <= 1.15; bound = " \
-               f"max(resident {_fmt(resident, '.3f')} s, streamed bytes / pinned H2D {(r.get('h2d_bytes') or 0) / h2d:.3f} s))"
-        for base in ("accelerate", "fsdp2"):
+        copy_s = (r.get("h2d_bytes") or 0.0) / h2d_bytes_per_s if h2d_bytes_per_s > 0 else 0.0
+        bound = max(resident or 0.0, copy_s)
+        if bound > 0:
+            line = (f"{tokens:>6} tokens: streamtune/bound = {r['step_s'] / bound:.2f} (target <= 1.15; bound = "
+                    f"max(resident {_fmt(resident, '.3f')} s, streamed bytes / pinned H2D {copy_s:.3f} s))")
+        else:
+            line = f"{tokens:>6} tokens: streamtune {r['step_s']:.3f} s (no bound: nothing streamed, resident not timed)"
+        for base in ("resident", "accelerate", "fsdp2"):
             other = (by.get((base, tokens)) or {}).get("tok_s")
-            if other:
-                line += f"; x{r['tok_s'] / other:.1f} {base}"
+            if other and r.get("tok_s"):
+                line += f"; x{r['tok_s'] / other:.2f} {base}"
         lines.append(line)
     return lines
 

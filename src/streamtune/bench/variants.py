@@ -20,7 +20,7 @@ import torch
 from streamtune.bench.common import (
     GIB, StepResult, attach_lora, bench_config, build_random_model, cap_gpu_memory, random_batch, timed_steps,
 )
-from streamtune.hostmem import rss_bytes
+from streamtune.hostmem import peak_rss_bytes, rss_bytes
 
 
 def _adamw(model: Any) -> torch.optim.Optimizer:
@@ -72,21 +72,25 @@ def _run_lengths(name: str, tokens_list: list[int], num_steps: int, step_for: An
 def run_streamtune(args: Any) -> list[StepResult]:
     """Our engine under the cap at each length, then the same model resident on the uncapped GPU."""
     from streamtune.models.adapters import adapter_for
+    from streamtune.models.build import LazyPreset
     from streamtune.offload import StreamEngine
     from streamtune.plan import make_plan
 
     config = bench_config(args.model, args.num_layers)
     adapter = adapter_for(config)
-    model = attach_lora(build_random_model(config), args.lora_rank)
+    # layers are filled tensor by tensor while they are packed: host RAM peaks near the packed size
+    lazy = LazyPreset(config, torch.bfloat16)
+    model = attach_lora(lazy.model, args.lora_rank)
     budget = int(args.gpu_budget_gib * GIB)
     cap_gpu_memory(budget)
     pack_started = time.perf_counter()
     engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
-                          num_slots=args.ring_slots, prefetch=args.prefetch)
+                          num_slots=args.ring_slots, prefetch=args.prefetch, load_tensor=lazy.load_tensor)
     host = {"pack_s": time.perf_counter() - pack_started, "host_bytes": engine.host_bytes,
-            "host_rss_bytes": rss_bytes()}
-    print(f"[bench] packed {engine.host_bytes / 1e9:.2f} GB of {args.codec} layers in {host['pack_s']:.1f} s, "
-          f"process RSS {host['host_rss_bytes'] / 1e9:.2f} GB", flush=True)
+            "host_rss_bytes": rss_bytes(), "host_peak_rss_bytes": peak_rss_bytes()}
+    print(f"[bench] filled and packed {engine.host_bytes / 1e9:.2f} GB of {args.codec} layers in "
+          f"{host['pack_s']:.1f} s, process RSS {host['host_rss_bytes'] / 1e9:.2f} GB, "
+          f"peak {host['host_peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     opt = _adamw(model)
     link = args.link_profile
 

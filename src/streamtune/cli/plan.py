@@ -8,8 +8,9 @@ import json
 from streamtune.errors import InputError
 
 EPILOG = """\
-speeds: measured ones from `streamtune bench --link` (cached in ~/.cache/streamtune/link.json) unless --gpu
-names a default profile. Exit code 2 when the run would not fit (the message says by how much and which
+speeds: --gpu names a default profile; otherwise the measured ones cached in ~/.cache/streamtune/link.json
+(by `streamtune bench --link`, or measured in a few seconds on a CUDA machine the first time a card is seen),
+else the rtx4090 defaults. The plan's header names the profile it used. Exit code 2 when the run would not fit (the message says by how much and which
 knob fixes it); with --json the JSON is printed first ("fits": false, "suggestions").
 """
 
@@ -60,6 +61,17 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _local_link(gpu: str | None) -> object:
+    """Without ``--gpu``, on a CUDA machine: the profile of the card here (measured once, cached)."""
+    import torch
+
+    if gpu is not None or not torch.cuda.is_available():
+        return None
+    from streamtune.devices import detect_link_profile
+
+    return detect_link_profile()
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the plan; exit 2 when it does not fit.
 
@@ -72,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     host = _size(args.host_memory, "--host-memory")
     plan = make_plan(
-        args.model, codec=args.codec, tokens=args.tokens, lora_rank=args.lora_rank,
+        args.model, link=_local_link(args.gpu), codec=args.codec, tokens=args.tokens, lora_rank=args.lora_rank,
         lora_targets="auto" if args.lora_targets == "auto" else _names(args.lora_targets),
         lora_target_parameters=_names(args.lora_target_parameters),
         gradient_checkpointing=not args.no_gradient_checkpointing,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtune.errors import InputError
+from streamtune.hostmem import release_free_heap
 from streamtune.loading import names as nm
 from streamtune.loading.shards import ShardSet, TensorInfo
 
@@ -53,26 +54,6 @@ def _destination(tensor: Any, piece: nm.Piece) -> Any:
     if piece.rows is not None:
         view = view[piece.rows[0]:piece.rows[1]]
     return view
-
-
-def release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Problem: after glibc frees a large mapped block it raises its mmap threshold, so later tensors of
-    up to 32 MiB come from the heap, and their pages stay resident after ``free`` while packed layer
-    buffers sit between them: RSS then counts the transient unpacked layers on top of the packs.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class CheckpointReader:

@@ -115,7 +115,7 @@ def profile_from_measurement(raw: dict, source: str = "measured") -> LinkProfile
     ``gpu_memory_bytes``, ``hbm_gbps``, ``dequant_gbps``); what is missing comes from the named profile
     whose name appears in ``gpu_name`` (else the rtx4090 defaults)."""
     gpu_name = str(raw.get("gpu_name") or "measured")
-    like = _closest_named(gpu_name)
+    like = closest_named(gpu_name)
     return LinkProfile(
         gpu_name=gpu_name,
         gpu_memory_bytes=int(raw.get("gpu_memory_bytes") or like.gpu_memory_bytes),
@@ -148,7 +148,8 @@ def save_link_profile(
 _NAME_HINTS = (("h200", "h200"), ("h100", "h100"), ("a100", "a100-80g"), ("4090", "rtx4090"), ("3090", "rtx3090"))
 
 
-def _closest_named(gpu_name: str) -> LinkProfile:
+def closest_named(gpu_name: str) -> LinkProfile:
+    """The named profile whose name appears in ``gpu_name`` (else the rtx4090 defaults)."""
     key = gpu_name.lower()
     for hint, name in _NAME_HINTS:
         if hint in key:

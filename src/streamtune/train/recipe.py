@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtune.errors import InputError, StreamtuneError
-from streamtune.hostmem import rss_bytes
+from streamtune.hostmem import peak_rss_bytes, rss_bytes
 from streamtune.train import checkpoint as ckpt
 from streamtune.train.loss import count_valid_tokens, lm_loss_sum
 from streamtune.train.metrics import MetricsLogger, check_tensorboard, truncate_metrics
@@ -47,7 +47,7 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> Any:
-    """``train.device`` as a torch device.
+    """``train.device`` as a torch device; a CUDA device always carries its index (the current device).
 
     Raises:
         InputError: cuda asked for but not available.
@@ -55,9 +55,12 @@ def resolve_device(name: str) -> Any:
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("train.device: cuda asked for, but torch sees no CUDA device; use train.device=cpu or auto")
+    if name == "cuda":
+        # CUDA calls such as set_per_process_memory_fraction need the index: never hand out a bare "cuda"
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -139,10 +142,11 @@ class Recipe:
         import torch
 
         from streamtune.config import parse_bytes
-        from streamtune.plan import plan_for_run, resolve_link_profile
+        from streamtune.devices import detect_link_profile
+        from streamtune.plan import plan_for_run
 
         free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
-        self.plan = plan_for_run(self.cfg, link=resolve_link_profile(), gpu_budget_bytes=free_bytes,
+        self.plan = plan_for_run(self.cfg, link=detect_link_profile(self.device), gpu_budget_bytes=free_bytes,
                                  host_budget_bytes=psutil.virtual_memory().available)
         self.plan.check()
         if self.cfg.memory.gpu_budget:
@@ -151,13 +155,16 @@ class Recipe:
 
     def _build_model(self) -> None:
         from streamtune.models import is_preset
-        from streamtune.models.build import build_model
+        from streamtune.models.build import LazyPreset
 
         m = self.cfg.model
         self.checkpoint = None
+        self.preset = None
         self.load_stats = None
         if is_preset(m.name):
-            self.model, self.arch = build_model(m.name, self.dtype, m.seed, m.trust_remote_code)
+            # decoder layers are filled tensor by tensor as the engine packs them (one copy in host RAM)
+            self.preset = LazyPreset(m.name, self.dtype, m.seed)
+            self.model, self.arch = self.preset.model, self.preset.adapter
         else:
             # Decoder layers stay on disk until the engine packs them (one copy in host RAM).
             from streamtune.loading import open_checkpoint
@@ -181,6 +188,7 @@ class Recipe:
         self.base_info["base_dir"] = BASE_DIR
         base_dir = self.run_dir / BASE_DIR
         if not (base_dir / "config.json").is_file():
+            self.preset.load_all()
             self.model.save_pretrained(str(base_dir))
             self.tokenizer.save_pretrained(str(base_dir))
 
@@ -191,7 +199,8 @@ class Recipe:
         from streamtune.offload import place
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
-        load_tensor = self.checkpoint.load_tensor if self.checkpoint is not None else None
+        source = self.checkpoint if self.checkpoint is not None else self.preset
+        load_tensor = source.load_tensor if source is not None else None
         self.pack_cache = self._pack_cache()
         try:
             self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
@@ -312,6 +321,7 @@ class Recipe:
             "step": step, "loss": loss, "lr": lr, "tokens": tokens, "loss_tokens": loss_tokens,
             "step_s": step_s, "tok_s": tokens / step_s if step_s > 0 else 0.0, "grad_norm": grad_norm,
             "gpu_peak_bytes": _gpu_peak(self.device), "host_rss_bytes": rss_bytes(),
+            "host_peak_rss_bytes": peak_rss_bytes(),
             **self.placement.step_metrics(),
         }
 

@@ -1,0 +1,39 @@
+"""The bench summary holds whatever variants are missing, skipped, failed or streamed nothing."""
+
+from __future__ import annotations
+
+from streamtune.bench.run import format_report
+
+
+def _row(variant, tokens, step_s=None, h2d_bytes=None, error=None):
+    return {"variant": variant, "tokens": tokens, "step_s": step_s, "tok_s": tokens / step_s if step_s else None,
+            "gpu_peak_bytes": 1 << 30 if step_s else None, "h2d_bytes": h2d_bytes, "h2d_gbps": None,
+            "copy_wait_s": None, "error": error, "extra": {}}
+
+
+def test_nothing_streamed_and_resident_skipped_is_no_crash():
+    report = {"link": {"h2d_gbps": 54.0}, "results": [_row("streamtune", 2048, 0.5, h2d_bytes=0.0)]}
+    text = format_report(report)
+    assert "no bound: nothing streamed, resident not timed" in text
+
+
+def test_ratios_against_resident_and_baselines():
+    report = {"link": {"h2d_gbps": 50.0}, "results": [
+        _row("streamtune", 2048, 0.8, h2d_bytes=20e9), _row("resident", 2048, 0.5),
+        _row("accelerate", 2048, 8.0), _row("fsdp2", 2048, error="OOM: out of memory"),
+        _row("streamtune", 8192, error="child exited 1"),
+    ]}
+    text = format_report(report)
+    # bound = max(0.5 s resident, 20 GB / 50 GB/s = 0.4 s)
+    assert "2048 tokens: streamtune/bound = 1.60" in text
+    assert "x0.62 resident" in text and "x10.00 accelerate" in text
+    assert "fsdp2" not in text.split("\n")[-1]  # a failed baseline gives no ratio
+    assert "8192 tokens" not in text  # a failed streamtune row gives no summary line
+    assert "OOM: out of memory" in text and "child exited 1" in text
+
+
+def test_missing_link_and_missing_fields():
+    report = {"link": {}, "results": [_row("streamtune", 512, 0.2), {"variant": "accelerate", "tokens": None,
+                                                                   "error": "child exited 9"}]}
+    text = format_report(report)
+    assert "no bound" in text and "child exited 9" in text

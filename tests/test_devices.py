@@ -1,0 +1,79 @@
+"""The planner's profile of the card it runs on: cached when measured on this card, else measured, else named."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from streamtune import devices
+from streamtune.plan.profiles import GPU_PROFILES, load_link_profile, save_link_profile
+
+H200_BYTES = 150_000_000_000
+
+
+@pytest.fixture
+def fake_h200(monkeypatch):
+    """torch.cuda answering as one H200; quick_link counted."""
+    props = SimpleNamespace(name="NVIDIA H200", total_memory=H200_BYTES)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    calls = []
+
+    def quick_link(device):
+        calls.append(device)
+        return {"gpu_name": props.name, "gpu_memory_bytes": H200_BYTES, "h2d_gbps": 55.0, "matmul_tflops": 790.0,
+                "dequant_gbps": {"int8": 1500.0, "nf4": 1100.0}}
+
+    monkeypatch.setattr(devices, "quick_link", quick_link)
+    return calls
+
+
+def test_measures_once_and_caches(fake_h200, tmp_path):
+    path = tmp_path / "link.json"
+    profile = devices.detect_link_profile(path=path)
+    assert fake_h200 == [torch.device("cuda", 0)]
+    assert profile.gpu_name == "NVIDIA H200" and profile.h2d_gbps == 55.0
+    assert profile.matmul_tflops == pytest.approx(790.0 * devices.PLANNER_MATMUL_FRACTION)
+    assert profile.source == str(path)
+    again = devices.detect_link_profile(path=path)
+    assert len(fake_h200) == 1 and again == profile
+
+
+def test_cache_of_another_card_is_measured_again(fake_h200, tmp_path):
+    path = tmp_path / "link.json"
+    save_link_profile(25.0, 90.0, "NVIDIA GeForce RTX 4090", {}, path=path)
+    profile = devices.detect_link_profile(path=path)
+    assert len(fake_h200) == 1 and profile.gpu_name == "NVIDIA H200"
+    assert load_link_profile(path).gpu_name == "NVIDIA H200"
+
+
+def test_failed_measurement_falls_back_to_the_named_profile(fake_h200, monkeypatch, tmp_path):
+    def oom(device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(devices, "quick_link", oom)
+    profile = devices.detect_link_profile(path=tmp_path / "link.json")
+    assert profile.matmul_tflops == GPU_PROFILES["h200"].matmul_tflops
+    assert profile.gpu_memory_bytes == H200_BYTES
+    assert "default h200" in profile.source and "NVIDIA H200" in profile.source
+    no_measure = devices.detect_link_profile(path=tmp_path / "link.json", measure=False)
+    assert no_measure.matmul_tflops == GPU_PROFILES["h200"].matmul_tflops
+
+
+def test_plan_header_names_the_detected_profile(fake_h200, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from streamtune.cli import main
+
+    assert main(["plan", "gemma4-26b-a4b", "--codec", "int8", "--gpu-memory", "24GiB", "--host-memory", "64GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "link: NVIDIA H200 (" + str(tmp_path / "streamtune" / "link.json") + ")" in out
+    assert "H2D 55.0 GB/s" in out
+
+
+def test_without_cuda_it_refuses(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        devices.detect_link_profile()
