@@ -3,6 +3,7 @@ global batch, a 2-rank checkpoint resumes on 1 rank, and a rank that dies ends t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -77,6 +78,12 @@ def test_two_ranks_train_the_same_adapter_as_one_process(runs):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)
     assert proc.stderr.count("adapter: ") == 1  # one summary, from rank 0
+    placement = json.loads((runs["two"] / "placement.json").read_text())
+    assert placement["world_size"] == 2
+    shared = placement["shared_host"]  # both ranks' layers came from one copy in shared memory
+    num_layers = len(placement["streamed_layers"]) + len(placement["resident_layers"])
+    assert shared["owner"] and shared["layers"] == num_layers == 4 and shared["bytes"] > 0
+    assert not Path(shared["directory"]).exists()  # unlinked once both ranks had mapped it
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, capsys):
@@ -99,6 +106,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # two fresh processes plus up to the 20 s timeout
 def test_a_killed_rank_ends_the_job_within_the_timeout(tmp_path, run_dict):
     cfg = _config(tmp_path / "run.yaml", run_dict, tmp_path / "run", grad_accum=1)
     port = str(_free_port())

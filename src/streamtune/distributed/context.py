@@ -146,6 +146,29 @@ class DistContext:
         self._guard(what, dist.broadcast_object_list, box, src=0)
         return box[0]
 
+    def all_gather_object(self, value: Any, what: str) -> list[Any]:
+        """Every rank's ``value``, in rank order (small picklable objects)."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        self._guard(what, dist.all_gather_object, out, value)
+        return out
+
+    def shared_host_store(self, on_hit: Any = None) -> Any:
+        """The store through which local ranks share one packed host copy, or None (one rank per host)."""
+        from streamtune.distributed.shared_host import create_store
+
+        return create_store(self, on_hit)
+
+    def release_shared_host(self, store: Any) -> None:
+        """After every rank has mapped every layer: unlink the shared files (mappings stay valid)."""
+        if store is None:
+            return
+        self.barrier("waiting for every rank to map the shared host copy")
+        store.unlink()
+
     def step_batches(self, batches: Any, grad_accum: int) -> list[Any]:
         """This rank's micro-batches of the next global step (``data_parallel.take_step_batches``)."""
         from streamtune.distributed.data_parallel import take_step_batches

@@ -207,15 +207,19 @@ class Recipe:
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
         load_tensor = self.checkpoint.load_tensor if self.checkpoint is not None else None
-        self.pack_cache = self._pack_cache()
+        host_store = self.dist.shared_host_store(self.checkpoint.reader.skip_layer if self.checkpoint else None)
+        self.pack_cache = self._pack_cache() if host_store is None or host_store.owner else None
         try:
             self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
-                                   load_tensor=load_tensor, pack_cache=self.pack_cache)
+                                   load_tensor=load_tensor, pack_cache=self.pack_cache, host_store=host_store)
         finally:
             if self.checkpoint is not None:
                 self.load_stats = self.checkpoint.finish()
+        self.dist.release_shared_host(host_store)
+        self.shared_host = host_store.stats() if host_store is not None else None
         _report_loading(self.load_stats, self.pack_cache)
-        self._record_placement()
+        if self.dist.is_main:
+            self._record_placement()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
@@ -231,7 +235,8 @@ class Recipe:
 
         record = {**self.placement.describe(), "device": str(self.device),
                   "tensor_codecs": self.placement.engine.tensor_codecs(), "loading": self.load_stats,
-                  "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None}
+                  "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None,
+                  "world_size": self.dist.world_size, "shared_host": self.shared_host}
         atomic_write_bytes(self.run_dir / PLACEMENT_FILE, json.dumps(record, indent=1).encode())
 
     def _pack_cache(self) -> Any:
