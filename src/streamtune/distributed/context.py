@@ -169,6 +169,12 @@ class DistContext:
         self.barrier("waiting for every rank to map the shared host copy")
         store.unlink()
 
+    def host_copies_shared_by(self) -> int:
+        """Local ranks that share this rank's host copy of the weights (1 when sharing is off)."""
+        from streamtune.distributed.shared_host import sharing_enabled
+
+        return self.local_world_size if sharing_enabled(self) else 1
+
     def step_batches(self, batches: Any, grad_accum: int) -> list[Any]:
         """This rank's micro-batches of the next global step (``data_parallel.take_step_batches``)."""
         from streamtune.distributed.data_parallel import take_step_batches

@@ -156,7 +156,8 @@ class Recipe:
 
         free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
         self.plan = plan_for_run(self.cfg, link=resolve_link_profile(), gpu_budget_bytes=free_bytes,
-                                 host_budget_bytes=psutil.virtual_memory().available)
+                                 host_budget_bytes=psutil.virtual_memory().available,
+                                 local_ranks=self.dist.host_copies_shared_by())
         self.plan.check()
         if self.cfg.memory.gpu_budget:
             budget = parse_bytes(self.cfg.memory.gpu_budget)
