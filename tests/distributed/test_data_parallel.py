@@ -54,13 +54,15 @@ def _assert_same_adapter(got: dict, expected: dict) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, run_dict):
-    """A 2-rank torchrun run (grad_accum 1) and a 1-process run (grad_accum 2): same global batch."""
+    """A 2-rank torchrun run (grad_accum 2, split 3:1 between the ranks) and a 1-process run
+    (grad_accum 4): the same global batch of 4 micro-batches."""
     root = tmp_path_factory.mktemp("dp")
-    two = _config(root / "two.yaml", run_dict, root / "two", grad_accum=1)
+    two = _config(root / "two.yaml", run_dict, root / "two", grad_accum=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "streamtune", "train", str(two)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=root)
-    one = _config(root / "one.yaml", run_dict, root / "one", grad_accum=2)
+    env = _env(STREAMTUNE_RANK_MICRO_BATCHES="3,1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    one = _config(root / "one.yaml", run_dict, root / "one", grad_accum=4)
     code = main(["train", str(one)])
     return {"root": root, "two": root / "two", "one": root / "one", "proc": proc, "code": code}
 
@@ -93,11 +95,34 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, capsys):
     shutil.rmtree(run / "adapter")
     cfg = runs["root"] / "two.yaml"
     out = f"output.dir={run}"
-    code = main(["train", str(cfg), out, "train.grad_accum=1", "--resume"])
+    code = main(["train", str(cfg), out, "train.grad_accum=2", "--resume"])
     err = capsys.readouterr().err
-    assert code == 2 and "global batch" in err and "train.grad_accum=2" in err
-    assert main(["train", str(cfg), out, "train.grad_accum=2", "--resume"]) == 0
+    assert code == 2 and "global batch" in err and "train.grad_accum=4" in err
+    assert main(["train", str(cfg), out, "train.grad_accum=4", "--resume"]) == 0
     _assert_same_adapter(_adapter(run), _adapter(runs["one"]))
+
+
+class _Rank:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+
+def test_micro_batch_selection_even_and_by_counts(monkeypatch):
+    from streamtune.distributed.data_parallel import rank_micro_batches, take_step_batches
+    from streamtune.errors import InputError
+
+    def picks(rank, counts):
+        return take_step_batches(iter(range(100)), 3, _Rank(rank, 2), counts)
+
+    assert picks(0, None) == [0, 2, 4] and picks(1, None) == [1, 3, 5]
+    assert picks(0, [4, 2]) == [0, 1, 2, 3] and picks(1, [4, 2]) == [4, 5]
+    assert picks(1, [6, 0]) == []
+    monkeypatch.setenv("STREAMTUNE_RANK_MICRO_BATCHES", "4,2")
+    assert rank_micro_batches(3, 2) == [4, 2]
+    for bad in ("4,1", "6", "a,b", "7,-1"):
+        monkeypatch.setenv("STREAMTUNE_RANK_MICRO_BATCHES", bad)
+        with pytest.raises(InputError, match="sum to train.grad_accum x ranks = 6"):
+            rank_micro_batches(3, 2)
 
 
 def _free_port() -> int:

@@ -175,11 +175,21 @@ class DistContext:
 
         return self.local_world_size if sharing_enabled(self) else 1
 
+    def check_train_config(self, train_cfg: Any) -> None:
+        """Validate the per-rank micro-batch split before any heavy work.
+
+        Raises:
+            InputError: ``STREAMTUNE_RANK_MICRO_BATCHES`` does not fit ``train.grad_accum`` and the world size.
+        """
+        from streamtune.distributed.data_parallel import rank_micro_batches
+
+        rank_micro_batches(train_cfg.grad_accum, self.world_size)
+
     def step_batches(self, batches: Any, grad_accum: int) -> list[Any]:
         """This rank's micro-batches of the next global step (``data_parallel.take_step_batches``)."""
-        from streamtune.distributed.data_parallel import take_step_batches
+        from streamtune.distributed.data_parallel import rank_micro_batches, take_step_batches
 
-        return take_step_batches(batches, grad_accum, self)
+        return take_step_batches(batches, grad_accum, self, rank_micro_batches(grad_accum, self.world_size))
 
     def shard(self, items: Any) -> Any:
         """This rank's share of ``items`` (every ``world_size``-th, from ``rank``)."""

@@ -173,21 +173,22 @@ def plan_gpus(model: Any, gpus: list[LinkProfile], budgets_bytes: list[int] | No
         model: as :func:`~streamtune.plan.make_plan`.
         gpus: two profiles, rank order.
         budgets_bytes: GPU budget per rank (default: each card's memory).
-        micro_batches: micro-batches of ``tokens`` per optimizer step, over both GPUs.
+        micro_batches: micro-batches of ``tokens`` per optimizer step, over both GPUs
+            (``train.grad_accum x 2``).
         host_budget_bytes: host RAM for the whole host.
         **kwargs: codec, tokens, lora_rank, lora_targets, lora_target_parameters, gradient_checkpointing,
             ring_slots, loss_chunk_tokens, trust_remote_code (as :func:`make_plan`).
 
     Raises:
-        InputError: not two GPUs, budgets of the wrong length, ``micro_batches`` < 2, or as :func:`make_plan`.
+        InputError: not two GPUs, budgets of the wrong length, ``micro_batches`` odd or < 2, or as :func:`make_plan`.
     """
     if len(gpus) != 2:
         raise InputError(f"--gpu: the multi-GPU planner compares two GPUs; got {len(gpus)}")
     budgets = list(budgets_bytes) if budgets_bytes is not None else [g.gpu_memory_bytes for g in gpus]
     if len(budgets) != len(gpus):
         raise InputError(f"--gpu-memory: give one budget per GPU ({len(gpus)}), comma-separated, e.g. 24GiB,16GiB")
-    if micro_batches < 2:
-        raise InputError(f"--micro-batches: {micro_batches} must be >= 2 (one per GPU at least)")
+    if micro_batches < 2 or micro_batches % 2:
+        raise InputError(f"--micro-batches: {micro_batches} must be even and >= 2 (train.grad_accum x 2 ranks)")
     plans = [make_plan(model, link=g, gpu_budget_bytes=b, host_budget_bytes=host_budget_bytes, suggest=False,
                        local_ranks=2, **kwargs) for g, b in zip(gpus, budgets)]
     dp = data_parallel(plans, micro_batches, gpus)
@@ -214,7 +215,9 @@ def format_multi(plan: MultiGpuPlan) -> str:
     else:
         lines.append(f"data parallel: {dp['step_seconds']:.2f} s/step, split {dp['split'][0]}:{dp['split'][1]} "
                      f"(even {dp['even_split'][0]}:{dp['even_split'][1]}: {dp['even_step_seconds']:.2f} s), "
-                     f"all-reduce {dp['allreduce_bytes'] / 1e6:.0f} MB in {dp['allreduce_seconds'] * 1e3:.0f} ms")
+                     f"all-reduce {dp['allreduce_bytes'] / 1e6:.0f} MB in {dp['allreduce_seconds'] * 1e3:.0f} ms; "
+                     f"train it with STREAMTUNE_RANK_MICRO_BATCHES={dp['split'][0]},{dp['split'][1]} and "
+                     f"train.grad_accum={plan.micro_batches // 2}")
         for rank, r in enumerate(dp["ranks"]):
             lines.append(f"  rank {rank} {r['gpu']}: {r['streamed_layers']} streamed / {r['resident_layers']} resident, "
                          f"{r['micro_batch_seconds']:.2f} s per micro-batch ({r['limited_by']}-bound), "

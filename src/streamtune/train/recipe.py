@@ -131,6 +131,7 @@ class Recipe:
         from streamtune.distributed import init_from_env
 
         self.dist, device = init_from_env(self.cfg.train.device)
+        self.dist.check_train_config(self.cfg.train)
         return device if device is not None else resolve_device(self.cfg.train.device)
 
     def _build_data(self) -> None:
