@@ -61,6 +61,7 @@ class DistContext:
     local_world_size: int = 1
     backend: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
+    device: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -91,12 +92,17 @@ class DistContext:
         return values
 
     def sum_numbers(self, numbers: list[float], device: Any, what: str) -> list[float]:
-        """Sum a few Python numbers (or 0-d tensors) over ranks in one collective (float64)."""
+        """Sum a few Python numbers (or 0-d tensors) over ranks in one collective (float64).
+
+        ``device`` is where the numbers live; NCCL reduces on this rank's GPU whatever it is.
+        """
         if not self.active:
             return [float(n) for n in numbers]
         import torch
 
-        values = torch.stack([torch.as_tensor(n, dtype=torch.float64, device=device).reshape(()) for n in numbers])
+        on = self.device if self.backend == "nccl" else "cpu"
+        values = torch.stack([torch.as_tensor(n, dtype=torch.float64, device=device).reshape(()).to(on)
+                              for n in numbers])
         return [float(v) for v in self.all_reduce_sum(values, what).cpu()]
 
     def all_reduce_grads(self, params: list[Any]) -> None:
@@ -279,6 +285,7 @@ def init_from_env(device_name: str = "auto") -> tuple[DistContext, Any]:
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     ctx.backend = "nccl" if wants_cuda else "gloo"
+    ctx.device = device
     _init_group(ctx, device)
     return ctx, device
 

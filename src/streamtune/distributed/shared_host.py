@@ -69,6 +69,7 @@ class SharedHostStore:
         self.on_hit = on_hit
         self.num_layers = 0
         self.nbytes = 0
+        self.num_pinned = 0
 
     def _paths(self, index: int) -> tuple[Path, Path]:
         stem = self.directory / f"layer-{index:05d}"
@@ -92,14 +93,24 @@ class SharedHostStore:
             self._wait_published(index, meta_path, signature, nbytes)
         buffer = torch.from_file(str(data_path), shared=True, size=nbytes, dtype=torch.uint8)
         if pin:
-            from streamtune.offload.host import _register
-
-            _register(buffer)
+            self._pin(buffer, index)
         self.num_layers += 1
         self.nbytes += nbytes
         if not self.owner and self.on_hit is not None:
             self.on_hit(index)
         return buffer, not self.owner
+
+    def _pin(self, buffer: Any, index: int) -> None:
+        import warnings
+
+        from streamtune.offload.host import _register
+
+        if _register(buffer):
+            self.num_pinned += 1
+        else:
+            warnings.warn(f"shared host copy: cudaHostRegister refused layer {index}'s shared mapping; it streams from "
+                          f"pageable memory (several times slower); set {ENABLE_ENV}=0 to give each rank pinned memory",
+                          stacklevel=3)
 
     def publish(self, index: int, signature: str) -> None:
         """(Owner) layer ``index`` is packed: let the other local ranks map it."""
@@ -130,7 +141,7 @@ class SharedHostStore:
 
     def stats(self) -> dict[str, Any]:
         return {"directory": str(self.directory), "owner": self.owner, "layers": self.num_layers,
-                "bytes": self.nbytes}
+                "bytes": self.nbytes, "pinned_layers": self.num_pinned}
 
 
 def _reserve(path: Path, nbytes: int) -> None:
