@@ -18,7 +18,8 @@ host RAM in use by the job (MemTotal - MemAvailable, minus the value before laun
 running nothing else) and the job's PSS (its processes' proportional set sizes: shared pages count once),
 sampled every 0.5 s while steps run ("train"), and the peak over the whole job (it includes building the random
 bf16 model in each rank).
-Results go to ``benchmarks/results/multi_gpu-<gpu>-<time>.json``.
+Results go to ``benchmarks/results/multi_gpu-<gpu>-<time>.json``. Each mode builds and packs the preset anew;
+if all three do not fit one 10-minute window, run ``--modes dp1,dp2`` and ``--modes caps`` separately.
 """
 
 from __future__ import annotations
@@ -63,8 +64,13 @@ def worker(args: argparse.Namespace) -> int:
     from streamtune.config import load
     from streamtune.train import train
 
+    import streamtune.offload as offload
+
     if args.num_layers:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
+    # the process ends after training: skip decoding every layer back into CPU tensors (minutes and a bf16
+    # copy of the model per rank for the 26B preset)
+    offload.Placement.close = lambda self: None
     cfg = load(args.worker, [])
     caps = [float(c) for c in args.worker_caps.split(",")]
     cfg.memory.gpu_budget = f"{caps[int(os.environ.get('LOCAL_RANK', '0'))]}GiB"
