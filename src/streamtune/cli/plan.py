@@ -36,8 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     p.add_argument("--stream", default="auto", choices=("auto", "all", "none"), help="streamed decoder layers")
     p.add_argument("--ring-slots", type=int, default=2, help="GPU ring slots for streamed layers")
     p.add_argument("--loss-chunk-tokens", type=int, default=1024, help="tokens per LM-head loss chunk")
-    p.add_argument("--gpu", choices=sorted(GPU_PROFILES), type=str.lower,
-                   help="named speed profile instead of the measured one")
+    p.add_argument("--gpu", metavar="NAME[,NAME]",
+                   help=f"named speed profile instead of the measured one ({', '.join(sorted(GPU_PROFILES))}); two "
+                        f"names (e.g. rtx4090,rtx-pro-2000) compare data parallel with a layer split over both GPUs")
+    p.add_argument("--micro-batches", type=int, default=8,
+                   help="with two GPUs: micro-batches of --tokens per optimizer step, over both (default 8)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(command="plan")
     return p
@@ -83,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     from streamtune.plan import format_table, make_plan
 
     host = _size(args.host_memory, "--host-memory")
+    gpus = args.gpu.split(",") if args.gpu else []
+    if len(gpus) > 1:
+        return _run_multi(args, host if host is not None else int(psutil.virtual_memory().total))
+    args.gpu = gpus[0].strip().lower() if gpus else None
     plan = make_plan(
         args.model, link=_local_link(args.gpu), codec=args.codec, tokens=args.tokens, lora_rank=args.lora_rank,
         lora_targets="auto" if args.lora_targets == "auto" else _names(args.lora_targets),
@@ -98,3 +105,24 @@ def run(args: argparse.Namespace) -> int:
     plan.check()
     print(format_table(plan))
     return 0
+
+
+def _run_multi(args: argparse.Namespace, host_bytes: int) -> int:
+    from streamtune.plan.multi_gpu import format_multi, plan_gpus
+    from streamtune.plan.profiles import resolve_gpu_list
+
+    budgets = None
+    if args.gpu_memory:
+        budgets = [_size(part, "--gpu-memory") for part in args.gpu_memory.split(",")]
+        if len(budgets) == 1:
+            budgets = budgets * len(args.gpu.split(","))
+    plan = plan_gpus(
+        args.model, resolve_gpu_list(args.gpu), budgets, micro_batches=args.micro_batches, host_budget_bytes=host_bytes,
+        codec=args.codec, tokens=args.tokens, lora_rank=args.lora_rank,
+        lora_targets="auto" if args.lora_targets == "auto" else _names(args.lora_targets),
+        lora_target_parameters=_names(args.lora_target_parameters),
+        gradient_checkpointing=not args.no_gradient_checkpointing, ring_slots=args.ring_slots,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+    )
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_multi(plan))
+    return 0 if plan.choice != "none" else 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from streamtune.train import train
 
     result = train(cfg, resume=args.resume)
-    _summary(result)
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun only rank 0 reports
+        _summary(result)
     return 0
 
 

@@ -57,7 +57,7 @@ def streamed_layers(num_layers: int, memory: Any, device: Any, plan: Any = None)
 
 
 def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, load_tensor: Any = None,
-          pack_cache: Any = None) -> Placement:
+          pack_cache: Any = None, host_store: Any = None) -> Placement:
     """Put a (LoRA-wrapped) model on ``device`` according to ``memory`` (a MemoryConfig).
 
     Args:
@@ -70,6 +70,7 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, 
         load_tensor: optional ``(index, name, param, out=None) -> None`` filling each frozen weight just before
             it is packed (see :class:`StreamEngine`).
         pack_cache: optional on-disk cache of packed layers (see :class:`StreamEngine`).
+        host_store: optional shared host store of the local ranks (see :class:`StreamEngine`).
 
     Raises:
         ValueError: the plan names layers the model does not have.
@@ -80,5 +81,5 @@ def place(model: Any, adapter: Any, memory: Any, device: Any, plan: Any = None, 
     streamed = streamed_layers(num_layers, memory, device, plan)
     engine = StreamEngine(model, device, streamed, codec=memory.codec, num_slots=memory.ring_slots,
                           prefetch=memory.prefetch, gradient_checkpointing=memory.gradient_checkpointing,
-                          load_tensor=load_tensor, pack_cache=pack_cache)
+                          load_tensor=load_tensor, pack_cache=pack_cache, host_store=host_store)
     return Placement(model, engine.device, engine, plan)

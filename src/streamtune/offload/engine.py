@@ -62,6 +62,8 @@ class StreamEngine:
             into the packed buffer.
         pack_cache: optional ``streamtune.loading.cache.PackCache``: layers it holds are read from
             disk already packed (no ``load_tensor`` call, no encode); the others are written to it.
+        host_store: optional shared host store (``streamtune.distributed.shared_host``): local
+            ranks of one host pack into, or map, one shared copy of every layer buffer.
 
     Raises:
         ValueError: a streamed index is out of range.
@@ -69,7 +71,7 @@ class StreamEngine:
 
     def __init__(self, model: nn.Module, device: torch.device | str, streamed: list[int], codec: str = "bf16",
                  num_slots: int = 2, prefetch: int = 1, gradient_checkpointing: bool = True,
-                 load_tensor: Any = None, pack_cache: Any = None):
+                 load_tensor: Any = None, pack_cache: Any = None, host_store: Any = None):
         self.model = model
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -85,7 +87,7 @@ class StreamEngine:
         self.compressed_resident: set[int] = set()
         self.workspace: torch.Tensor | None = None
         self._check_indices(streamed)
-        self._pack_layers(codec, load_tensor, pack_cache)
+        self._pack_layers(codec, load_tensor, pack_cache, host_store)
         model.to(self.device)
         self._configure_checkpointing(gradient_checkpointing)
         self.ring = SlotRing({}, self.device, num_slots, prefetch)
@@ -96,12 +98,12 @@ class StreamEngine:
         if bad:
             raise ValueError(f"streamed layer indices {bad} out of range 0..{len(self.layers) - 1}")
 
-    def _pack_layers(self, codec: str, load_tensor: Any, pack_cache: Any) -> None:
+    def _pack_layers(self, codec: str, load_tensor: Any, pack_cache: Any, host_store: Any = None) -> None:
         pin = torch.cuda.is_available() and self.device.type == "cuda"
         choose = codec_chooser(codec)
         for index, layer in enumerate(self.layers):
             fill = functools.partial(load_tensor, index) if load_tensor is not None else None
-            self.packs[index] = pack_layer(index, layer, choose, self.device, pin, fill, pack_cache)
+            self.packs[index] = pack_layer(index, layer, choose, self.device, pin, fill, pack_cache, host_store)
 
     def _configure_checkpointing(self, enabled: bool) -> None:
         base = unwrap(self.model)

@@ -87,7 +87,7 @@ def frozen_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device: torch.device,
-               pin: bool, fill: Any = None, cache: Any = None) -> LayerPack:
+               pin: bool, fill: Any = None, cache: Any = None, store: Any = None) -> LayerPack:
     """Encode the frozen parameters of ``layer`` into one host buffer and detach them from their storage.
 
     Each parameter's ``.data`` becomes a zero-byte placeholder of the right shape, dtype and device
@@ -107,17 +107,24 @@ def pack_layer(index: int, layer: nn.Module, codec_for: Any, placeholder_device:
             encodes each segment as soon as it is read (see ``CheckpointReader.load_tensor``).
         cache: optional pack cache (``streamtune.loading.cache.PackCache``): a layer it holds is
             read from it instead of filled and encoded; a layer it lacks is written to it.
+        store: optional shared host store (``streamtune.distributed.shared_host``): it provides the
+            buffer, already packed by another process (a hit) or to be packed and then published.
     """
     entries, nbytes, decoded_nbytes = layout_layer(layer, codec_for)
-    buffer = alloc_host_buffer(nbytes, pin)
-    signature = layout_signature(entries) if cache is not None else ""
-    hit = cache is not None and cache.read_into(index, signature, buffer)
+    signature = layout_signature(entries) if cache is not None or store is not None else ""
+    if store is not None:
+        buffer, hit = store.buffer(index, signature, nbytes, pin)
+    else:
+        buffer, hit = alloc_host_buffer(nbytes, pin), False
+    hit = hit or (cache is not None and cache.read_into(index, signature, buffer))
     for entry in entries:
         if not hit:
             _fill_and_encode(entry, buffer, fill)
         entry.param.data = placeholder(entry.shape, entry.dtype, placeholder_device)
     if cache is not None and not hit:
         cache.write(index, signature, buffer)
+    if store is not None and store.owner:
+        store.publish(index, signature)
     return LayerPack(index, buffer, entries, decoded_nbytes)
 
 

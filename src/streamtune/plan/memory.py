@@ -152,16 +152,20 @@ def gpu_components_bytes(
     return parts
 
 
-def host_components_bytes(model: ModelSize, streamed: list[LayerSize]) -> dict[str, int]:
-    """Host memory: pinned packed buffers of every decoder layer, loading staging, process runtime.
+def host_components_bytes(model: ModelSize, streamed: list[LayerSize], local_ranks: int = 1,
+                          shared: bool = True) -> dict[str, int]:
+    """Host memory of one host: pinned packed buffers of every decoder layer, loading staging, process runtime.
 
     The engine keeps the one host copy of every layer (resident ones too), so it can re-place
-    layers without reloading; ``streamed`` does not change the host footprint.
+    layers without reloading; ``streamed`` does not change the host footprint. With ``local_ranks``
+    processes on the host (torchrun), ``shared`` (the default) means they map one copy that local
+    rank 0 alone loaded (``streamtune.distributed.shared_host``); each rank adds its runtime.
     """
+    copies = 1 if shared else local_ranks
     largest_layer = max((layer.plain_bytes for layer in model.layers), default=0)
     largest_other = max((t.plain_bytes for t in model.other), default=0)
     return {
-        "pinned_weights": sum(layer.encoded_bytes for layer in model.layers),
-        "staging": max(largest_layer, largest_other),
-        "runtime": HOST_RUNTIME_BYTES,
+        "pinned_weights": copies * sum(layer.encoded_bytes for layer in model.layers),
+        "staging": copies * max(largest_layer, largest_other),
+        "runtime": local_ranks * HOST_RUNTIME_BYTES,
     }

@@ -263,7 +263,7 @@ def place_layers(model: ModelSize, s: _Settings, gpu_budget_bytes: int) -> tuple
 
 
 def _build(name: str, model: ModelSize, s: _Settings, gpu_budget_bytes: int, host_budget_bytes: int | None,
-           link: LinkProfile) -> Plan:
+           link: LinkProfile, local_ranks: int = 1) -> Plan:
     streamed_idx, slots, gpu = place_layers(model, s, gpu_budget_bytes)
     chosen = set(streamed_idx)
     streamed = [layer for layer in model.layers if layer.index in chosen]
@@ -278,7 +278,7 @@ def _build(name: str, model: ModelSize, s: _Settings, gpu_budget_bytes: int, hos
         model_name=name, codec=s.codec, tokens=s.tokens, lora_rank=s.lora_rank,
         lora_trainable_params=model.lora_params, gradient_checkpointing=s.checkpointing, stream=s.stream,
         ring_slots=slots, loss_chunk_tokens=s.loss_chunk_tokens, layers=layers, groups=_groups(model, chosen),
-        gpu_bytes=gpu, host_bytes=memory.host_components_bytes(model, streamed),
+        gpu_bytes=gpu, host_bytes=memory.host_components_bytes(model, streamed, local_ranks),
         gpu_budget_bytes=gpu_budget_bytes, host_budget_bytes=host_budget_bytes, timing=estimate, link=link,
         total_params=model.total_params,
     )
@@ -289,7 +289,7 @@ def make_plan(
     lora_targets: str | list[str] | None = "auto", lora_target_parameters: list[str] | tuple[str, ...] = (),
     gradient_checkpointing: bool = True, gpu_budget_bytes: int | None = None, host_budget_bytes: int | None = None,
     stream: str = "auto", ring_slots: int = 2, loss_chunk_tokens: int = 1024, link: LinkProfile | None = None,
-    gpu: str | None = None, trust_remote_code: bool = False, suggest: bool = True,
+    gpu: str | None = None, trust_remote_code: bool = False, suggest: bool = True, local_ranks: int = 1,
 ) -> Plan:
     """Plan a LoRA run of ``model`` without loading weights (the model is sized on ``meta``).
 
@@ -310,6 +310,8 @@ def make_plan(
         gpu: a named GPU profile (``rtx4090``, ``h100``, ...) when ``link`` is None.
         trust_remote_code: passed to ``AutoConfig`` for checkpoint directories.
         suggest: when it does not fit, re-plan with each knob changed and list the ones that fit.
+        local_ranks: processes on this host (torchrun ``--nproc-per-node``); they share one host copy
+            of the weights, so the host line counts it once and the runtime once per rank.
 
     Returns:
         The :class:`Plan`; call ``plan.check()`` to refuse a run that would not fit.
@@ -324,13 +326,14 @@ def make_plan(
     targets = _targets(config, lora_targets)
     settings = _Settings(codec, tokens, lora_rank, gradient_checkpointing, stream, ring_slots, loss_chunk_tokens)
     sized = size_model(config, codec, lora_rank, targets, list(lora_target_parameters), model=meta, name=name)
-    plan = _build(name, sized, settings, budget, host_budget_bytes, link)
+    plan = _build(name, sized, settings, budget, host_budget_bytes, link, local_ranks)
     if suggest and not plan.fits:
         plan.suggestions = _suggestions(plan, model, dict(
             codec=codec, tokens=tokens, lora_rank=lora_rank, lora_targets=lora_targets,
             lora_target_parameters=lora_target_parameters, gradient_checkpointing=gradient_checkpointing,
             gpu_budget_bytes=budget, host_budget_bytes=host_budget_bytes, stream=stream, ring_slots=ring_slots,
-            loss_chunk_tokens=loss_chunk_tokens, link=link, trust_remote_code=trust_remote_code, suggest=False))
+            loss_chunk_tokens=loss_chunk_tokens, link=link, trust_remote_code=trust_remote_code, suggest=False,
+            local_ranks=local_ranks))
     return plan
 
 
@@ -377,7 +380,7 @@ def _halving(model: Any, kwargs: dict[str, Any], key: str, flag: str, config_key
 
 
 def plan_for_run(cfg: Any, link: LinkProfile | None = None, gpu_budget_bytes: int | None = None,
-                 host_budget_bytes: int | None = None) -> Plan:
+                 host_budget_bytes: int | None = None, local_ranks: int = 1) -> Plan:
     """The plan of a :class:`~streamtune.config.RunConfig` (what ``streamtune train`` checks and places by).
 
     ``memory.gpu_budget``/``memory.host_budget`` win over the given defaults (e.g. the card's free memory).
@@ -396,4 +399,5 @@ def plan_for_run(cfg: Any, link: LinkProfile | None = None, gpu_budget_bytes: in
         gradient_checkpointing=mem.gradient_checkpointing, gpu_budget_bytes=gpu_budget,
         host_budget_bytes=host_budget, stream=mem.stream, ring_slots=mem.ring_slots,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens, link=link, trust_remote_code=cfg.model.trust_remote_code,
+        local_ranks=local_ranks,
     )

@@ -77,6 +77,11 @@ GPU_PROFILES: dict[str, LinkProfile] = {
     "a100-80g": _named("a100-80g", 80, 25.0, 312.0, 2039),
     "h100": _named("h100", 80, 54.0, 989.0, 3350),
     "h200": _named("h200", 140, 54.0, 989.0, 4800),
+    # RTX PRO 2000 Blackwell (GB206, 70 W): 16 GB GDDR7 at 288 GB/s, PCIe 5.0 x8, 67.9 TFLOP/s dense bf16
+    # tensor (fp32 accumulate), per the third-party spec listings cputronic.com (bandwidth, bus) and
+    # hmc-tech.com (tensor rates; consistent with NVIDIA's 545 AI TOPS fp4 sparse). H2D not measured:
+    # half of the 54 GB/s measured on PCIe 5 x16.
+    "rtx-pro-2000": _named("rtx-pro-2000", 16, 27.0, 67.9, 288),
 }
 DEFAULT_GPU = "rtx4090"
 
@@ -145,7 +150,8 @@ def save_link_profile(
     return path
 
 
-_NAME_HINTS = (("h200", "h200"), ("h100", "h100"), ("a100", "a100-80g"), ("4090", "rtx4090"), ("3090", "rtx3090"))
+_NAME_HINTS = (("h200", "h200"), ("h100", "h100"), ("a100", "a100-80g"), ("4090", "rtx4090"), ("3090", "rtx3090"),
+               ("pro 2000", "rtx-pro-2000"))
 
 
 def closest_named(gpu_name: str) -> LinkProfile:
@@ -170,6 +176,18 @@ def resolve_link_profile(gpu: str | None = None, path: str | Path | None = None)
         return GPU_PROFILES[key]
     measured = load_link_profile(path)
     return measured if measured is not None else GPU_PROFILES[DEFAULT_GPU]
+
+
+def resolve_gpu_list(text: str) -> list[LinkProfile]:
+    """``rtx4090,rtx-pro-2000`` as named profiles, in order.
+
+    Raises:
+        InputError: an unknown name (the message lists the known ones).
+    """
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if not names:
+        raise InputError(f"--gpu: {text!r} names no GPU; known: {', '.join(GPU_PROFILES)}")
+    return [resolve_link_profile(name) for name in names]
 
 
 def replace(profile: LinkProfile, **changes) -> LinkProfile:

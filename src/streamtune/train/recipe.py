@@ -8,10 +8,13 @@ tokenizer, the data (which validates the dataset), the model, LoRA, and places t
 Loss normalisation: the loss of a step is the sum of the token cross-entropies of all its
 micro-batches divided by the step's total number of loss tokens (labels != -100), so every loss
 token weighs the same whatever the accumulation split or padding; ``metrics.jsonl`` logs this value.
+Under torchrun the step is the global one (``streamtune.distributed.data_parallel``): counts and
+gradients are summed over ranks, and only rank 0 writes metrics, checkpoints and the adapter.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -97,6 +100,7 @@ class Recipe:
         self.logger: MetricsLogger | None = None
         self.placement: Any = None
         self.start_step = 0
+        self.dist: Any = None
 
     def setup(self) -> None:
         """Check inputs, build data, model, LoRA, placement, optimizer; restore a checkpoint."""
@@ -105,12 +109,13 @@ class Recipe:
             check_tensorboard()
         self.run_dir = check_run_dir(cfg, self.resume)
         checkpoint_path = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
-        self.device = resolve_device(cfg.train.device)
+        self.device = self._init_distributed()
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self._build_data()
         self._plan()
         self._build_model()
-        init_run_dir(self.run_dir, cfg, self.resume)
+        if self.dist.is_main:
+            init_run_dir(self.run_dir, cfg, self.resume)
         self._save_base()
         self._attach_and_place()
         if checkpoint_path is not None:
@@ -120,8 +125,17 @@ class Recipe:
 
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
-        self.logger = MetricsLogger(self.run_dir, cfg.train.max_steps, self.start_step,
-                                    cfg.output.tensorboard, cfg.output.progress)
+        self.dist.broadcast_params(self.params)
+        self.logger = self.dist.logger(lambda: MetricsLogger(self.run_dir, cfg.train.max_steps, self.start_step,
+                                                             cfg.output.tensorboard, cfg.output.progress))
+
+    def _init_distributed(self) -> Any:
+        """Join the torchrun job when launched by one (see ``streamtune.distributed``); the compute device."""
+        from streamtune.distributed import init_from_env
+
+        self.dist, device = init_from_env(self.cfg.train.device)
+        self.dist.check_train_config(self.cfg.train)
+        return device if device is not None else resolve_device(self.cfg.train.device)
 
     def _build_data(self) -> None:
         from streamtune.data import build_data, load_tokenizer
@@ -147,7 +161,8 @@ class Recipe:
 
         free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
         self.plan = plan_for_run(self.cfg, link=detect_link_profile(self.device), gpu_budget_bytes=free_bytes,
-                                 host_budget_bytes=psutil.virtual_memory().available)
+                                 host_budget_bytes=psutil.virtual_memory().available,
+                                 local_ranks=self.dist.host_copies_shared_by())
         self.plan.check()
         if self.cfg.memory.gpu_budget:
             budget = parse_bytes(self.cfg.memory.gpu_budget)
@@ -186,6 +201,8 @@ class Recipe:
         if not is_preset(m.name) or size_bytes > MAX_SAVED_BASE_BYTES:
             return
         self.base_info["base_dir"] = BASE_DIR
+        if not self.dist.is_main:
+            return
         base_dir = self.run_dir / BASE_DIR
         if not (base_dir / "config.json").is_file():
             self.preset.load_all()
@@ -201,15 +218,19 @@ class Recipe:
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
         source = self.checkpoint if self.checkpoint is not None else self.preset
         load_tensor = source.load_tensor if source is not None else None
-        self.pack_cache = self._pack_cache()
+        host_store = self.dist.shared_host_store(self.checkpoint.reader.skip_layer if self.checkpoint else None)
+        self.pack_cache = self._pack_cache() if host_store is None or host_store.owner else None
         try:
             self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
-                                   load_tensor=load_tensor, pack_cache=self.pack_cache)
+                                   load_tensor=load_tensor, pack_cache=self.pack_cache, host_store=host_store)
         finally:
             if self.checkpoint is not None:
                 self.load_stats = self.checkpoint.finish()
+        self.dist.release_shared_host(host_store)
+        self.shared_host = host_store.stats() if host_store is not None else None
         _report_loading(self.load_stats, self.pack_cache)
-        self._record_placement()
+        if self.dist.is_main:
+            self._record_placement()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
@@ -225,7 +246,8 @@ class Recipe:
 
         record = {**self.placement.describe(), "device": str(self.device),
                   "tensor_codecs": self.placement.engine.tensor_codecs(), "loading": self.load_stats,
-                  "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None}
+                  "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None,
+                  "world_size": self.dist.world_size, "shared_host": self.shared_host}
         atomic_write_bytes(self.run_dir / PLACEMENT_FILE, json.dumps(record, indent=1).encode())
 
     def _pack_cache(self) -> Any:
@@ -243,11 +265,15 @@ class Recipe:
         load_trainable_state(self.model, state.trainable)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        from streamtune.distributed.data_parallel import check_resume_batch
+
+        check_resume_batch(state.extra, self.cfg.train.batch_size, self.cfg.train.grad_accum, self.dist.world_size)
         if state.loader is not None:
             self.train_loader.load_state_dict(state.loader)
         ckpt.restore_rng(state.rng)
-        ckpt.remove_partial(self.run_dir)
-        truncate_metrics(self.run_dir, state.step)
+        if self.dist.is_main:
+            ckpt.remove_partial(self.run_dir)
+            truncate_metrics(self.run_dir, state.step)
         self.start_step = state.step
         if self.start_step >= self.cfg.train.max_steps:
             raise InputError(
@@ -290,9 +316,10 @@ class Recipe:
         self.model.train()
         _reset_peak(self.device)
         started = time.perf_counter()
-        micro = [next(batches) for _ in range(t.grad_accum)]
-        loss_tokens = sum(count_valid_tokens(b["labels"]) for b in micro)
-        tokens = sum(_num_tokens(b) for b in micro)
+        micro = self.dist.step_batches(batches, t.grad_accum)
+        loss_tokens, tokens = (int(n) for n in self.dist.sum_numbers(
+            [sum(count_valid_tokens(b["labels"]) for b in micro), sum(_num_tokens(b) for b in micro)], "cpu",
+            "token count all-reduce"))
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = 0.0
         try:
@@ -307,6 +334,8 @@ class Recipe:
                 f"out of GPU memory at step {step}: lower data.seq_len, train.batch_size or "
                 f"memory.gpu_budget, or stream more layers (memory.stream=all): {exc}"
             ) from exc
+        self.dist.all_reduce_grads(self.params)
+        loss_sum = self.dist.sum_numbers([loss_sum], self.device, "loss all-reduce")[0]
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.optimizer.step()
@@ -332,24 +361,26 @@ class Recipe:
         self.model.eval()
         loss_sum, loss_tokens = 0.0, 0
         with torch.no_grad():
-            for index, batch in enumerate(self.eval_loader):
-                if index >= self.cfg.train.eval_batches:
-                    break
+            for batch in self.dist.shard(itertools.islice(self.eval_loader, self.cfg.train.eval_batches)):
                 batch = _to_device(batch, self.device)
                 loss_sum += float(lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens))
                 loss_tokens += count_valid_tokens(batch["labels"])
         self.model.train()
+        loss_sum, loss_tokens = self.dist.sum_numbers([loss_sum, loss_tokens], "cpu", "eval loss all-reduce")
         return loss_sum / max(1, loss_tokens)
 
     def save_checkpoint(self, step: int) -> Path:
-        """Write ``RUN/checkpoints/step-N`` (atomically)."""
+        """Write ``RUN/checkpoints/step-N`` (atomically; rank 0 writes, the others wait)."""
+        return self.dist.main_writes(self._write_checkpoint, step, what=f"checkpoint step-{step}")
+
+    def _write_checkpoint(self, step: int) -> Path:
         from streamtune.lora import trainable_state
 
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
         state = ckpt.TrainState(
             step=step, trainable=trainable_state(self.model), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), loader=loader_state, rng=ckpt.capture_rng(),
-            extra={"data_stats": _plain(self.data_stats)},
+            extra={"data_stats": _plain(self.data_stats), **self.dist.checkpoint_extra(self.cfg.train)},
         )
         return ckpt.save_checkpoint(self.run_dir, state)
 
@@ -357,7 +388,8 @@ class Recipe:
         """Write the final adapter to ``RUN/adapter`` (PEFT format, tokenizer, streamtune.json)."""
         from streamtune.lora import save_adapter
 
-        return save_adapter(self.model, self.run_dir / ADAPTER_DIR, self.tokenizer, self.base_info)
+        return self.dist.main_writes(save_adapter, self.model, self.run_dir / ADAPTER_DIR, self.tokenizer,
+                                     self.base_info, what="adapter")
 
     def teardown(self) -> None:
         """Close the metrics writers and release the placement."""
@@ -367,6 +399,8 @@ class Recipe:
         if self.placement is not None:
             self.placement.close()
             self.placement = None
+        if self.dist is not None:
+            self.dist.close()
 
 
 def _due(step: int, every: int, max_steps: int, at_end: bool) -> bool:

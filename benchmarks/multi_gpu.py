@@ -1,0 +1,246 @@
+"""Device benchmark: data parallel on 1 and 2 GPUs with the real trainer (torchrun), host RAM per rank count,
+and unequal caps (24/16 GiB) against the planner's layer-split prediction.
+
+    python benchmarks/multi_gpu.py                      # 26B preset, int8, 2048 tokens, 24 GiB cap per GPU
+    python benchmarks/multi_gpu.py --num-layers 4       # smoke run (minutes less loading)
+    python benchmarks/multi_gpu.py --modes dp1,dp2      # a subset
+
+Modes (each one ``torchrun --standalone`` job of ``streamtune.train`` on the preset with random weights):
+
+- ``dp1``: 1 GPU, cap ``--cap-gib``, ``grad_accum = --micro-batches``.
+- ``dp2``: 2 GPUs, same cap each, ``grad_accum = --micro-batches / 2``: the same global batch.
+- ``caps``: 2 GPUs capped ``--caps`` (24,16 GiB), the micro-batches split as ``streamtune plan`` predicts best
+  (``STREAMTUNE_RANK_MICRO_BATCHES``); printed next to the planner's data-parallel and layer-split predictions
+  (the layer-split training mode is not built: its number is a prediction only).
+
+Per mode: tokens/s over the steps after the first (global tokens / rank 0's step time, from metrics.jsonl) and
+host RAM in use by the job (MemTotal - MemAvailable, minus the value before launch; exact only on a machine
+running nothing else) and the job's PSS (its processes' proportional set sizes: shared pages count once),
+sampled every 0.5 s while steps run ("train"), and the peak over the whole job (it includes building the random
+bf16 model in each rank).
+Results go to ``benchmarks/results/multi_gpu-<gpu>-<time>.json``. Each mode builds and packs the preset anew;
+if all three do not fit one 10-minute window, run ``--modes dp1,dp2`` and ``--modes caps`` separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "data" / "quickstart.jsonl"
+GIB = 2**30
+
+
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gemma4-26b-a4b")
+    p.add_argument("--num-layers", type=int, default=None, help="cut the preset to N decoder layers (smoke runs)")
+    p.add_argument("--codec", default="int8", choices=["bf16", "int8", "nf4"])
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per micro-batch (batch 1, packed)")
+    p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per optimizer step (global, even)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per mode (the first is not timed)")
+    p.add_argument("--cap-gib", type=float, default=24.0, help="GPU cap per GPU in dp1/dp2")
+    p.add_argument("--caps", default="24,16", help="GiB caps of GPU 0 and 1 in the caps mode")
+    p.add_argument("--modes", default="dp1,dp2,caps")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the script (gloo)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One rank (under torchrun): cut the preset if asked, cap this GPU, train."""
+    import streamtune.models.build as build
+    from streamtune.bench.common import bench_config
+    from streamtune.config import load
+    from streamtune.train import train
+
+    import streamtune.offload as offload
+
+    if args.num_layers:
+        build.preset_config = lambda name: bench_config(name, args.num_layers)
+    # the process ends after training: skip decoding every layer back into CPU tensors (minutes and a bf16
+    # copy of the model per rank for the 26B preset)
+    offload.Placement.close = lambda self: None
+    cfg = load(args.worker, [])
+    caps = [float(c) for c in args.worker_caps.split(",")]
+    cfg.memory.gpu_budget = f"{caps[int(os.environ.get('LOCAL_RANK', '0'))]}GiB"
+    train(cfg)
+    return 0
+
+
+def _used_bytes() -> int:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":")
+        info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def _job_pss_bytes(pid: int) -> int:
+    """Proportional set size of a process tree: shared pages count once over the processes that map them."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, tokenizer_dir: Path) -> Path:
+    import yaml
+
+    raw = {
+        "model": {"name": args.model, "tokenizer": str(tokenizer_dir)},
+        "data": {"path": str(DATA), "format": "alpaca", "seq_len": args.seq_len, "pack": True},
+        "lora": {"rank": 16, "alpha": 32},
+        "memory": {"codec": args.codec},
+        "train": {"max_steps": args.steps, "lr": 1e-4, "warmup_steps": 1, "batch_size": 1, "grad_accum": grad_accum,
+                  "device": args.device, "save_every": 0},
+        "output": {"dir": str(root / name), "progress": False},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps: list[float], grad_accum: int,
+              tokenizer_dir: Path, split: list[int] | None = None) -> dict:
+    cfg = _config(root, args, name, grad_accum, tokenizer_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           str(Path(__file__).resolve()), "--worker", str(cfg), "--worker-caps", ",".join(map(str, caps))]
+    if args.num_layers:
+        cmd += ["--num-layers", str(args.num_layers)]
+    env = dict(os.environ, STREAMTUNE_DIST_TIMEOUT_S="900",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    if split:
+        env["STREAMTUNE_RANK_MICRO_BATCHES"] = ",".join(map(str, split))
+    metrics = root / name / "metrics.jsonl"
+    baseline = _used_bytes()
+    samples: list[tuple[bool, int, int]] = []
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        training = metrics.is_file() and not (root / name / "adapter").exists()
+        samples.append((training, _used_bytes() - baseline, _job_pss_bytes(proc.pid)))
+        time.sleep(0.5)
+    reader.join(timeout=5)
+    wall_s = time.perf_counter() - started
+    result = {"mode": name, "ranks": ranks, "caps_gib": caps, "grad_accum": grad_accum, "split": split,
+              "returncode": proc.returncode, "wall_s": wall_s,
+              "host_train_bytes": max([b for t, b, _ in samples if t], default=None),
+              "host_peak_bytes": max([b for _, b, _ in samples], default=None),
+              "host_train_pss_bytes": max([p for t, _, p in samples if t], default=None)}
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    timed = records[1:] or records
+    if timed:
+        result["tok_s"] = sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed)
+        result["step_s"] = sum(r["step_s"] for r in timed) / len(timed)
+        result["gpu_peak_bytes_rank0"] = max(r["gpu_peak_bytes"] for r in timed)
+        result["h2d_gbps_rank0"] = sum(r.get("h2d_gbps", 0.0) for r in timed) / len(timed)
+    if proc.returncode != 0:
+        result["log_tail"] = "".join(log)[-3000:]
+    print(f"[multi_gpu] {name}: rc={proc.returncode} tok/s={result.get('tok_s', 0):.0f} "
+          f"host(train)={(result['host_train_bytes'] or 0) / GIB:.1f} GiB wall={wall_s:.0f} s", flush=True)
+    return result
+
+
+def _predictions(args: argparse.Namespace, caps: list[float]) -> dict:
+    from streamtune.plan.multi_gpu import plan_gpus
+    from streamtune.plan.profiles import GPU_PROFILES
+
+    config = args.model
+    if args.num_layers:
+        from streamtune.bench.common import bench_config
+
+        config = bench_config(args.model, args.num_layers)
+    h200 = GPU_PROFILES["h200"]
+    plan = plan_gpus(config, [h200, h200], [int(c * GIB) for c in caps], micro_batches=args.micro_batches,
+                     codec=args.codec, tokens=args.seq_len)
+    return plan.to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    if args.worker:
+        return worker(args)
+    import torch
+
+    from streamtune.data.tokenizer import build_tiny_tokenizer
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.micro_batches % 2:
+        raise SystemExit("--micro-batches must be even (the same global batch on 1 and 2 GPUs)")
+    if args.device == "cuda" and torch.cuda.device_count() < (2 if set(modes) & {"dp2", "caps"} else 1):
+        raise SystemExit(f"needs 2 GPUs for {modes}; torch sees {torch.cuda.device_count()}")
+    caps = [float(c) for c in args.caps.split(",")]
+    predictions = _predictions(args, caps)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="multi_gpu-") as tmp:
+        root = Path(tmp)
+        tokenizer_dir = root / "tokenizer"
+        build_tiny_tokenizer().save_pretrained(str(tokenizer_dir))
+        cap = [args.cap_gib, args.cap_gib]
+        for mode in modes:
+            if mode == "dp1":
+                results.append(_run_mode(root, args, mode, 1, cap[:1], args.micro_batches, tokenizer_dir))
+            elif mode == "dp2":
+                results.append(_run_mode(root, args, mode, 2, cap, args.micro_batches // 2, tokenizer_dir))
+            elif mode == "caps":
+                split = predictions["data_parallel"]["split"] if predictions["data_parallel"] else None
+                results.append(_run_mode(root, args, mode, 2, caps, args.micro_batches // 2, tokenizer_dir, split))
+            else:
+                raise SystemExit(f"--modes: unknown mode {mode!r}; known: dp1, dp2, caps")
+    _report(args, results, predictions)
+    return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+def _report(args: argparse.Namespace, results: list[dict], predictions: dict) -> None:
+    import torch
+
+    by_mode = {r["mode"]: r for r in results}
+    print(f"\n{'mode':6} {'GPUs':>4} {'caps GiB':>9} {'tok/s':>8} {'step s':>7} {'host train GiB':>15} "
+          f"{'job PSS GiB':>12} {'host peak GiB':>14}")
+    for r in results:
+        print(f"{r['mode']:6} {r['ranks']:>4} {'/'.join(f'{c:g}' for c in r['caps_gib']):>9} {r.get('tok_s', 0):>8.0f} "
+              f"{r.get('step_s', 0):>7.2f} {(r['host_train_bytes'] or 0) / GIB:>15.1f} "
+              f"{(r['host_train_pss_bytes'] or 0) / GIB:>12.1f} {(r['host_peak_bytes'] or 0) / GIB:>14.1f}")
+    if "dp1" in by_mode and "dp2" in by_mode and by_mode["dp1"].get("tok_s"):
+        one, two = by_mode["dp1"], by_mode["dp2"]
+        print(f"2-GPU speed-up: {two.get('tok_s', 0) / one['tok_s']:.2f}x (target >= 1.8x); second rank adds "
+              f"{((two['host_train_bytes'] or 0) - (one['host_train_bytes'] or 0)) / GIB:.1f} GiB host RAM in use, "
+              f"{((two['host_train_pss_bytes'] or 0) - (one['host_train_pss_bytes'] or 0)) / GIB:.1f} GiB job PSS "
+              f"(target < 2 GB)")
+    dp, ls = predictions["data_parallel"], predictions["layer_split"]
+    print(f"caps {args.caps} GiB predicted (h200 profile): data parallel {dp['step_seconds'] if dp else float('nan'):.2f} s/step "
+          f"(split {dp['split'] if dp else None}), layer split {ls['step_seconds'] if ls else float('nan'):.2f} s/step "
+          f"[not built: prediction only]; planner picks {predictions['choice']}")
+    gpu = torch.cuda.get_device_name(0).replace(" ", "_") if args.device == "cuda" else "cpu"
+    out = Path(args.out) / f"multi_gpu-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": results, "predictions": predictions,
+                               "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

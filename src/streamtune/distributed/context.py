@@ -1,0 +1,308 @@
+"""Process groups from the torchrun environment, and the collectives the training loop needs.
+
+torchrun (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``) starts one process per GPU; :func:`init_from_env` joins them: NCCL
+when the run trains on CUDA, gloo on the CPU, every rank on ``cuda:LOCAL_RANK``. Without those
+variables (or with ``WORLD_SIZE=1``) it returns a single-process context whose collectives do
+nothing, so the loop has one code path.
+
+Every collective runs under a timeout (``STREAMTUNE_DIST_TIMEOUT_S``, default 600 s): a rank that
+dies or stalls makes the others fail with a :class:`StreamtuneError` naming the operation, instead
+of hanging (torchrun then stops the remaining ranks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from streamtune.errors import InputError, StreamtuneError
+
+TIMEOUT_ENV = "STREAMTUNE_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def timeout_s() -> float:
+    """The collective timeout in seconds (``STREAMTUNE_DIST_TIMEOUT_S``, default 600).
+
+    Raises:
+        InputError: the variable is not a positive number.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise InputError(f"{TIMEOUT_ENV}={raw!r}: must be a positive number of seconds, e.g. 600")
+    return value
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the job, and the collectives over it.
+
+    Attributes:
+        rank: global rank (0 writes checkpoints, the adapter, metrics and progress).
+        world_size: number of ranks.
+        local_rank: rank on this host (its CUDA device index).
+        local_world_size: ranks on this host (they share one host copy of the weights).
+        backend: ``nccl``, ``gloo`` or ``""`` for a single process.
+        timeout_s: collective timeout.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str = ""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    device: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def active(self) -> bool:
+        """True when there is more than one rank (collectives do work)."""
+        return self.world_size > 1
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank reaches this point (``what`` names it in errors)."""
+        if self.active:
+            import torch.distributed as dist
+
+            self._guard(what, dist.barrier)
+
+    def all_reduce_sum(self, values: Any, what: str) -> Any:
+        """Sum a tensor over ranks, in place; returns it."""
+        if self.active:
+            import torch.distributed as dist
+
+            self._guard(what, dist.all_reduce, values, op=dist.ReduceOp.SUM)
+        return values
+
+    def sum_numbers(self, numbers: list[float], device: Any, what: str) -> list[float]:
+        """Sum a few Python numbers (or 0-d tensors) over ranks in one collective (float64).
+
+        ``device`` is where the numbers live; NCCL reduces on this rank's GPU whatever it is.
+        """
+        if not self.active:
+            return [float(n) for n in numbers]
+        import torch
+
+        on = self.device if self.backend == "nccl" else "cpu"
+        values = torch.stack([torch.as_tensor(n, dtype=torch.float64, device=device).reshape(()).to(on)
+                              for n in numbers])
+        return [float(v) for v in self.all_reduce_sum(values, what).cpu()]
+
+    def all_reduce_grads(self, params: list[Any]) -> None:
+        """Sum the gradients of ``params`` over ranks: one flattened all-reduce after the backward.
+
+        The loss of each rank is already divided by the GLOBAL number of loss tokens of the step, so
+        the sum is the gradient one process would get for the whole global batch (no division by
+        the world size). A parameter without a gradient on this rank contributes zeros.
+        """
+        if not self.active or not params:
+            return
+        import torch
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        by_dtype: dict[Any, list[int]] = {}
+        for index, grad in enumerate(grads):
+            by_dtype.setdefault((grad.dtype, grad.device), []).append(index)
+        for indices in by_dtype.values():
+            flat = torch.cat([grads[i].reshape(-1) for i in indices])
+            self.all_reduce_sum(flat, "gradient all-reduce")
+            offset = 0
+            for i in indices:
+                numel = grads[i].numel()
+                reduced = flat[offset:offset + numel].view_as(grads[i])
+                offset += numel
+                if params[i].grad is None:
+                    params[i].grad = reduced.clone()
+                else:
+                    params[i].grad.copy_(reduced)
+
+    def broadcast_params(self, params: list[Any]) -> None:
+        """Make every rank hold rank 0's values of ``params`` (start of training and after resume)."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        for param in params:
+            self._guard("parameter broadcast", dist.broadcast, param.data, src=0)
+
+    def broadcast_object(self, value: Any, what: str) -> Any:
+        """Rank 0's ``value`` on every rank (small picklable objects)."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        self._guard(what, dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def all_gather_object(self, value: Any, what: str) -> list[Any]:
+        """Every rank's ``value``, in rank order (small picklable objects)."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        self._guard(what, dist.all_gather_object, out, value)
+        return out
+
+    def shared_host_store(self, on_hit: Any = None) -> Any:
+        """The store through which local ranks share one packed host copy, or None (one rank per host)."""
+        from streamtune.distributed.shared_host import create_store
+
+        return create_store(self, on_hit)
+
+    def release_shared_host(self, store: Any) -> None:
+        """After every rank has mapped every layer: unlink the shared files (mappings stay valid)."""
+        if store is None:
+            return
+        self.barrier("waiting for every rank to map the shared host copy")
+        store.unlink()
+
+    def host_copies_shared_by(self) -> int:
+        """Local ranks that share this rank's host copy of the weights (1 when sharing is off)."""
+        from streamtune.distributed.shared_host import sharing_enabled
+
+        return self.local_world_size if sharing_enabled(self) else 1
+
+    def check_train_config(self, train_cfg: Any) -> None:
+        """Validate the per-rank micro-batch split before any heavy work.
+
+        Raises:
+            InputError: ``STREAMTUNE_RANK_MICRO_BATCHES`` does not fit ``train.grad_accum`` and the world size.
+        """
+        from streamtune.distributed.data_parallel import rank_micro_batches
+
+        rank_micro_batches(train_cfg.grad_accum, self.world_size)
+
+    def step_batches(self, batches: Any, grad_accum: int) -> list[Any]:
+        """This rank's micro-batches of the next global step (``data_parallel.take_step_batches``)."""
+        from streamtune.distributed.data_parallel import rank_micro_batches, take_step_batches
+
+        return take_step_batches(batches, grad_accum, self, rank_micro_batches(grad_accum, self.world_size))
+
+    def shard(self, items: Any) -> Any:
+        """This rank's share of ``items`` (every ``world_size``-th, from ``rank``)."""
+        from streamtune.distributed.data_parallel import shard
+
+        return shard(items, self)
+
+    def main_writes(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
+        """Rank 0 calls ``fn``; every rank then waits for it at a barrier. Returns ``fn``'s result on rank 0."""
+        result = fn(*args, **kwargs) if self.is_main else None
+        self.barrier(f"waiting for rank 0 to write the {what}")
+        return result
+
+    def checkpoint_extra(self, train_cfg: Any) -> dict[str, Any]:
+        """What a checkpoint records about the job: the global batch (checked on resume) and world size."""
+        from streamtune.distributed.data_parallel import GLOBAL_BATCH_KEY, global_batch_rows
+
+        rows = global_batch_rows(train_cfg.batch_size, train_cfg.grad_accum, self.world_size)
+        return {GLOBAL_BATCH_KEY: rows, "world_size": self.world_size}
+
+    def logger(self, factory: Any) -> Any:
+        """``factory()`` (the metrics logger) on rank 0, a logger that drops everything elsewhere."""
+        from streamtune.distributed.data_parallel import NullLogger
+
+        return factory() if self.is_main else NullLogger()
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError) as exc:  # gloo/NCCL report peer loss and timeouts as these
+            raise StreamtuneError(
+                f"rank {self.rank}/{self.world_size}: {what} failed: another rank died or stalled for more than "
+                f"{self.timeout_s:.0f} s ({TIMEOUT_ENV}); see the first failing rank's log above. ({exc})"
+            ) from exc
+
+    def close(self) -> None:
+        """Leave the process group (idempotent)."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    """True when the torchrun variables describe more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError as exc:
+        raise InputError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun") from exc
+
+
+def init_from_env(device_name: str = "auto") -> tuple[DistContext, Any]:
+    """Join the torchrun job described by the environment; return ``(context, compute device)``.
+
+    Args:
+        device_name: ``train.device`` (auto, cpu, cuda). On CUDA each rank computes on
+            ``cuda:LOCAL_RANK`` and the backend is NCCL; on the CPU it is gloo.
+
+    Raises:
+        InputError: a torchrun variable is missing or malformed, or there are fewer visible GPUs
+            than local ranks.
+    """
+    import torch
+
+    world_size = _env_int("WORLD_SIZE", 1)
+    wants_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if world_size <= 1:
+        return DistContext(), None
+    missing = [k for k in _ENV_KEYS if not os.environ.get(k)]
+    if missing:
+        raise InputError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; launch with "
+                         f"`torchrun --nproc-per-node N -m streamtune train CONFIG`")
+    ctx = DistContext(rank=_env_int("RANK", 0), world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0),
+                      local_world_size=_env_int("LOCAL_WORLD_SIZE", 1), timeout_s=timeout_s())
+    device = torch.device("cpu")
+    if wants_cuda:
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise InputError(f"train.device: local rank {ctx.local_rank} needs cuda:{ctx.local_rank} but torch sees "
+                             f"{torch.cuda.device_count()} GPU(s); lower --nproc-per-node")
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    ctx.backend = "nccl" if wants_cuda else "gloo"
+    ctx.device = device
+    _init_group(ctx, device)
+    return ctx, device
+
+
+def _init_group(ctx: DistContext, device: Any) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out NCCL op aborts, not hangs
+    kwargs: dict[str, Any] = {"backend": ctx.backend, "rank": ctx.rank, "world_size": ctx.world_size,
+                              "timeout": timedelta(seconds=ctx.timeout_s)}
+    if ctx.backend == "nccl":
+        kwargs["device_id"] = device
+    try:
+        dist.init_process_group(**kwargs)
+    except (RuntimeError, ValueError) as exc:
+        raise StreamtuneError(f"rank {ctx.rank}: could not join the {ctx.backend} process group at "
+                              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                              f"{ctx.timeout_s:.0f} s: {exc}") from exc

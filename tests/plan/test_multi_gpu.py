@@ -1,0 +1,78 @@
+"""Two unequal GPUs: data parallel with per-rank plans against a layer split, and the host line of
+ranks that share one copy of the weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamtune.cli import main
+from streamtune.plan import GPU_PROFILES, make_plan
+from streamtune.plan.multi_gpu import format_multi, plan_gpus
+from streamtune.plan.profiles import replace, resolve_gpu_list
+
+GIB = 2**30
+MODEL = "gemma4-26b-a4b"
+
+
+def test_rtx_pro_2000_profile():
+    card = GPU_PROFILES["rtx-pro-2000"]
+    assert card.gpu_memory_bytes == 16 * GIB
+    assert card.h2d_gbps < GPU_PROFILES["h200"].h2d_gbps  # PCIe 5 x8: half the x16 link
+    assert card.matmul_tflops < GPU_PROFILES["rtx4090"].matmul_tflops
+    assert [p.gpu_name for p in resolve_gpu_list("RTX4090, rtx-pro-2000")] == ["rtx4090", "rtx-pro-2000"]
+
+
+def test_shared_host_copy_is_counted_once():
+    one = make_plan(MODEL, codec="int8", gpu="rtx4090")
+    two = make_plan(MODEL, codec="int8", gpu="rtx4090", local_ranks=2)
+    assert two.host_bytes["pinned_weights"] == one.host_bytes["pinned_weights"]
+    assert two.host_bytes["staging"] == one.host_bytes["staging"]
+    assert two.host_bytes["runtime"] == 2 * one.host_bytes["runtime"]
+
+
+def test_unequal_pair_splits_work_towards_the_faster_gpu():
+    plan = plan_gpus(MODEL, resolve_gpu_list("rtx4090,rtx-pro-2000"), codec="int8", tokens=2048, micro_batches=8)
+    dp, ls = plan.data_parallel, plan.layer_split
+    assert dp is not None and ls is not None
+    fast, slow = dp["ranks"]
+    assert fast["micro_batch_seconds"] < slow["micro_batch_seconds"]
+    assert dp["split"][0] > dp["split"][1] and sum(dp["split"]) == 8
+    assert dp["step_seconds"] <= dp["even_step_seconds"]
+    assert fast["gpu_peak_bytes"] <= 24 * GIB and slow["gpu_peak_bytes"] <= 16 * GIB
+    assert all(g["gpu_peak_bytes"] <= b for g, b in zip(ls["gpus"], plan.budgets_bytes))
+    assert sum(g["layers"] for g in ls["gpus"]) == 30
+    assert 1e6 < ls["crossing_bytes"] < 100e6  # tens of MB per crossing
+    best = min(("data_parallel", dp["step_seconds"]), ("layer_split", ls["step_seconds"]), key=lambda x: x[1])
+    assert plan.choice == best[0] and plan.reason
+
+
+def test_slow_links_make_the_layer_split_win():
+    """When streaming dominates, two memories that together hold the model beat two GPUs streaming it each."""
+    gpus = [replace(GPU_PROFILES["rtx4090"], h2d_gbps=2.0), replace(GPU_PROFILES["rtx-pro-2000"], h2d_gbps=2.0)]
+    plan = plan_gpus(MODEL, gpus, codec="int8", tokens=512, micro_batches=4)
+    assert plan.choice == "layer_split"
+    assert plan.layer_split["step_seconds"] < plan.data_parallel["step_seconds"]
+    text = format_multi(plan)
+    assert "picks: layer split" in text and "not built yet" in text and "planner only" in text
+
+
+def test_cli_two_gpus(capsys):
+    assert main(["plan", MODEL, "--gpu", "rtx4090,rtx-pro-2000", "--codec", "int8", "--host-memory", "64GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "data parallel:" in out and "layer split:" in out and "picks:" in out and "s/step" in out
+    assert main(["plan", MODEL, "--gpu", "h200,h200", "--gpu-memory", "24GiB,16GiB", "--codec", "int8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["budgets_bytes"] == [24 * GIB, 16 * GIB] and data["choice"] in ("data_parallel", "layer_split")
+    assert data["layer_split_implemented"] is False
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--gpu", "rtx4090,voodoo2"], "--gpu"),
+    (["--gpu", "rtx4090,rtx-pro-2000", "--gpu-memory", "24GiB,16GiB,8GiB"], "--gpu-memory"),
+    (["--gpu", "rtx4090,rtx-pro-2000", "--micro-batches", "1"], "--micro-batches"),
+])
+def test_cli_bad_multi_gpu_input(argv, key, capsys):
+    assert main(["plan", MODEL, *argv]) == 2
+    assert key in capsys.readouterr().err
