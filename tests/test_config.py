@@ -142,3 +142,19 @@ def test_lora_dropout_with_fused_parameters_is_refused():
     raw = {"data": {"path": "x.jsonl"}, "lora": {"dropout": 0.1, "target_parameters": ["experts.down_proj"]}}
     with pytest.raises(ConfigError, match="lora.dropout: must be 0 with lora.target_parameters"):
         from_dict(raw)
+
+
+def test_data_fields_mapping_validated():
+    cfg = config.from_dict({"data": {"path": "d.jsonl", "format": "sharegpt",
+                                     "fields": {"instruction": "question", "output": "answer"}}})
+    assert cfg.data.fields == {"instruction": "question", "output": "answer"} and cfg.data.format == "sharegpt"
+    cfg = config.load(None, ["data.path=d.jsonl", "data.fields={instruction: q, output: a}"])
+    assert cfg.data.fields == {"instruction": "q", "output": "a"}
+    with pytest.raises(ConfigError) as exc_info:
+        config.from_dict({"data": {"path": "d.jsonl", "fields": {"instrucion": "q", "output": "q", "input": ""}}})
+    text = _problems(exc_info)
+    assert "data.fields: unknown target 'instrucion' (did you mean 'instruction'?); allowed: instruction, input" in text
+    assert "data.fields: record key 'q' is mapped to several targets" in text
+    assert "data.fields.input: '' must be the name of a record key" in text
+    with pytest.raises(ConfigError, match=r"data\.fields: \['a'\] is not a valid dict"):
+        config.from_dict({"data": {"path": "d.jsonl", "fields": ["a"]}})

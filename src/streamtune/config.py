@@ -17,7 +17,9 @@ import yaml
 
 from streamtune.errors import ConfigError
 
-FORMATS = ("auto", "text", "alpaca", "messages")
+FORMATS = ("auto", "text", "alpaca", "messages", "sharegpt")
+# Target names of data.fields (the record keys the formats read).
+FIELD_TARGETS = ("instruction", "input", "output", "text", "messages", "conversations")
 CODECS = ("bf16", "int8", "nf4")
 STREAM_MODES = ("auto", "all", "none")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -64,14 +66,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("", "Training data: a .jsonl or .parquet file.")
-    format: str = _f("auto", "Record format: auto, text, alpaca (instruction/input/output) or messages (chat).")
+    path: str = _f("", "Training data: a .jsonl or .parquet file, or a directory written by datasets.save_to_disk.")
+    format: str = _f("auto", "Record format: auto, text, alpaca (instruction/input/output), messages (chat) or sharegpt (conversations of from/value).")
     eval_path: str | None = _f(None, "Optional evaluation file (same format).")
     eval_fraction: float = _f(0.0, "Fraction of the training records held out for evaluation when eval_path is unset.")
     seq_len: int = _f(512, "Tokens per sequence (packed sequences are filled up to this length).")
     pack: bool = _f(True, "Pack several samples into one sequence (no attention across samples).")
     response_only: bool | None = _f(None, "Loss on responses only; default: true for alpaca/messages, false for text.")
     text_field: str = _f("text", "Field holding the text for the text format.")
+    fields: dict[str, str] = _f({}, "Rename record keys for the format, e.g. {instruction: question, output: answer}; targets: instruction, input, output, text, messages, conversations.")
     shuffle: bool = _f(True, "Shuffle samples each epoch (seeded by train.seed).")
 
 
@@ -188,6 +191,10 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, problems: list[str]) -> 
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): v for k, v in value.items()}
         if kind.startswith("list[str] | str"):
             if isinstance(value, (list, tuple)):
                 return [str(v) for v in value]
@@ -239,6 +246,26 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def did_you_mean(word: str, options: Any) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``options`` to ``word``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_fields(problems: list[str], fields: dict[str, Any]) -> None:
+    for target, source in fields.items():
+        if target not in FIELD_TARGETS:
+            problems.append(f"data.fields: unknown target {target!r}{did_you_mean(target, FIELD_TARGETS)}; "
+                            f"allowed: {', '.join(FIELD_TARGETS)} (write target: record_key)")
+        if not isinstance(source, str) or not source:
+            problems.append(f"data.fields.{target}: {source!r} must be the name of a record key")
+    sources = [s for s in fields.values() if isinstance(s, str)]
+    for source in sorted({s for s in sources if sources.count(s) > 1}):
+        problems.append(f"data.fields: record key {source!r} is mapped to several targets; map it once")
+
+
 def _check_choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         problems.append(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
@@ -259,6 +286,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("data.path: required; a .jsonl or .parquet file")
     _check_choice(p, "data.format", cfg.data.format, FORMATS)
     _check_min(p, "data.seq_len", cfg.data.seq_len, 8)
+    _check_fields(p, cfg.data.fields)
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         p.append(f"data.eval_fraction: {cfg.data.eval_fraction} must be in [0, 1)")
     _check_min(p, "lora.rank", cfg.lora.rank, 1)
