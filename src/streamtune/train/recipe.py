@@ -117,6 +117,9 @@ class Recipe:
 
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
+        from streamtune.train.summary import print_summary
+
+        print_summary(cfg, self.data_stats, self.model, self.placement, self.plan, self.start_step)
         self.logger = MetricsLogger(self.run_dir, cfg.train.max_steps, self.start_step,
                                     cfg.output.tensorboard, cfg.output.progress)
 
@@ -165,6 +168,9 @@ class Recipe:
             self.checkpoint = open_checkpoint(m.name, self.dtype, m.trust_remote_code, progress=self.cfg.output.progress)
             self.model, self.arch = self.checkpoint.model, self.checkpoint.adapter
         _check_vocab(self.model, self.tokenizer)
+        from streamtune.lora.targets import check_lora_targets
+
+        check_lora_targets(self.model, self.cfg.lora)
 
     def _save_base(self) -> None:
         from streamtune.models import is_preset
