@@ -62,3 +62,14 @@ def test_trainable_by_target_counts_every_lora_parameter():
     by_hand = sum(layer.self_attn.q_proj.lora_A["default"].weight.numel() + layer.self_attn.q_proj.lora_B["default"].weight.numel()
                   for layer in layers)
     assert counts["self_attn.q_proj"]["params"] == by_hand
+
+
+def test_check_on_a_config_builds_nothing_real():
+    from tests.loading.ckpts import gemma4_multimodal_config
+
+    from streamtune.lora.targets import check_lora_targets_of_config
+
+    config = gemma4_multimodal_config()
+    check_lora_targets_of_config(config, LoraConfig(targets=["q_proj"], target_parameters=["experts.down_proj"]))
+    with pytest.raises(InputError, match=r"lora\.targets: 'vproj' matches no module of Gemma4ForCausalLM \(did you mean .v_proj.\?\)"):
+        check_lora_targets_of_config(config, LoraConfig(targets=["vproj"]))

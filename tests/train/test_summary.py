@@ -50,6 +50,9 @@ def test_bad_lora_target_exits_2_before_the_run_dir(tmp_path, run_dict, capsys):
     code, err = _run(tmp_path, run_dict, capsys, lora={"target_parameters": ["experts.up_proj"]})
     assert code == 2 and "lora.target_parameters: 'experts.up_proj' matches no parameter" in err
     assert "experts.gate_up_proj, experts.down_proj" in err and not (tmp_path / "run").exists()
+    # checked from the model's config before the data is read
+    code, err = _run(tmp_path, run_dict, capsys, lora={"targets": ["vproj"]}, data={"path": str(tmp_path / "none.jsonl")})
+    assert code == 2 and "lora.targets: 'vproj'" in err and "data.path" not in err
 
 
 @pytest.mark.gpu

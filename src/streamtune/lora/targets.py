@@ -87,6 +87,21 @@ def check_lora_targets(model: Any, lora_cfg: Any) -> None:
         raise InputError("; ".join(problems))
 
 
+def check_lora_targets_of_config(config: Any, lora_cfg: Any) -> None:
+    """:func:`check_lora_targets` on the model of a HF ``config`` built on ``meta`` (no memory, no weights).
+
+    Raises:
+        InputError: as :func:`check_lora_targets`.
+    """
+    if not (isinstance(lora_cfg.targets, list) and lora_cfg.targets) and not lora_cfg.target_parameters:
+        return
+    import torch
+
+    from streamtune.models.build import build_empty
+
+    check_lora_targets(build_empty(config, torch.bfloat16, device="meta"), lora_cfg)
+
+
 def trainable_by_target(model: Any) -> dict[str, dict[str, int]]:
     """LoRA parameters per target: ``{"self_attn.q_proj": {"layers": 4, "params": 8192, "per_layer": 2048}}``.
 

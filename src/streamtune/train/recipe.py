@@ -125,9 +125,11 @@ class Recipe:
 
     def _build_data(self) -> None:
         from streamtune.data import build_data, load_tokenizer
+        from streamtune.lora.targets import check_lora_targets_of_config
         from streamtune.models.build import resolve_config
 
-        resolve_config(self.cfg.model.name, self.cfg.model.trust_remote_code)
+        config = resolve_config(self.cfg.model.name, self.cfg.model.trust_remote_code)
+        check_lora_targets_of_config(config, self.cfg.lora)
         _check_cache_dir(self.cfg)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.train_loader, self.eval_loader, self.data_stats = build_data(
@@ -168,9 +170,6 @@ class Recipe:
             self.checkpoint = open_checkpoint(m.name, self.dtype, m.trust_remote_code, progress=self.cfg.output.progress)
             self.model, self.arch = self.checkpoint.model, self.checkpoint.adapter
         _check_vocab(self.model, self.tokenizer)
-        from streamtune.lora.targets import check_lora_targets
-
-        check_lora_targets(self.model, self.cfg.lora)
 
     def _save_base(self) -> None:
         from streamtune.models import is_preset
@@ -251,6 +250,9 @@ class Recipe:
                 f"--resume: the run already finished {self.start_step} steps; raise train.max_steps "
                 f"(now {self.cfg.train.max_steps}) to train further"
             )
+        from streamtune.train.schedule import rebase_on_resume
+
+        _note(rebase_on_resume(self.scheduler, self.optimizer, self.cfg.train, self.start_step))
 
     def loop(self) -> TrainResult:
         """Train from ``start_step`` to ``train.max_steps``; checkpoint, evaluate, save the adapter.
@@ -404,6 +406,13 @@ def _report_loading(load_stats: dict[str, float] | None, pack_cache: Any) -> Non
         line += (f"; pack cache {pack_cache.directory}: {stats['hits']} layer(s) read "
                  f"({stats['bytes_read'] / 1e9:.2f} GB at {stats['read_gbps']:.2f} GB/s), {stats['misses']} encoded and stored")
     print(line, file=sys.stderr)
+
+
+def _note(text: str | None) -> None:
+    import sys
+
+    if text:
+        print(f"note: {text}", file=sys.stderr)
 
 
 def _check_vocab(model: Any, tokenizer: Any) -> None:
