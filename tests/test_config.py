@@ -96,6 +96,7 @@ def test_relative_data_path_resolves_against_yaml_dir(tmp_path):
 
 @pytest.mark.parametrize("text,expected", [
     ("24GiB", 24 * 2**30), ("22GB", 22 * 10**9), ("512MiB", 512 * 2**20), ("1.5g", int(1.5 * 2**30)), (4096, 4096),
+    ("25769803776B", 24 * 2**30),
 ])
 def test_parse_bytes(text, expected):
     assert config.parse_bytes(text) == expected
@@ -142,3 +143,72 @@ def test_lora_dropout_with_fused_parameters_is_refused():
     raw = {"data": {"path": "x.jsonl"}, "lora": {"dropout": 0.1, "target_parameters": ["experts.down_proj"]}}
     with pytest.raises(ConfigError, match="lora.dropout: must be 0 with lora.target_parameters"):
         from_dict(raw)
+
+
+def test_data_fields_mapping_validated():
+    cfg = config.from_dict({"data": {"path": "d.jsonl", "format": "sharegpt",
+                                     "fields": {"instruction": "question", "output": "answer"}}})
+    assert cfg.data.fields == {"instruction": "question", "output": "answer"} and cfg.data.format == "sharegpt"
+    cfg = config.load(None, ["data.path=d.jsonl", "data.fields={instruction: q, output: a}"])
+    assert cfg.data.fields == {"instruction": "q", "output": "a"}
+    with pytest.raises(ConfigError) as exc_info:
+        config.from_dict({"data": {"path": "d.jsonl", "fields": {"instrucion": "q", "output": "q", "input": ""}}})
+    text = _problems(exc_info)
+    assert "data.fields: unknown target 'instrucion' (did you mean 'instruction'?); allowed: instruction, input" in text
+    assert "data.fields: record key 'q' is mapped to several targets" in text
+    assert "data.fields.input: '' must be the name of a record key" in text
+    with pytest.raises(ConfigError, match=r"data\.fields: \['a'\] is not a valid dict"):
+        config.from_dict({"data": {"path": "d.jsonl", "fields": ["a"]}})
+
+
+@pytest.mark.parametrize("text, hint", [("24", "did you mean 24GiB?"), ("0.9", "fractions of the GPU are not accepted"),
+                                        ("25769803776", "a byte count needs B: 25769803776B")])
+def test_size_without_unit_is_refused_with_the_accepted_forms(text, hint):
+    with pytest.raises(ValueError) as exc_info:
+        config.parse_bytes(text)
+    message = str(exc_info.value)
+    assert message.startswith(f"{text!r} has no unit") and hint in message
+    assert "24GiB (GiB = 2^30 bytes), 22GB (10^9 bytes)" in message and "25769803776B" in message
+    with pytest.raises(ConfigError, match=r"memory\.gpu_budget: '24' has no unit"):
+        config.load(None, ["data.path=d.jsonl", "memory.gpu_budget=24"])
+    with pytest.raises(ConfigError, match=r"memory\.host_budget: '64' has no unit"):
+        config.from_dict({"data": {"path": "d.jsonl"}, "memory": {"host_budget": 64}})
+
+
+def test_did_you_mean_for_keys_sections_values_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"trian": {}, "train": {"max_step": 3, "codec": "int8"},
+                                    "data": {"path": "d.jsonl", "format": "alpca"}}))
+    with pytest.raises(ConfigError) as exc_info:
+        config.load(path, ["lora.rnak=8"])
+    text = _problems(exc_info)
+    assert "trian: unknown section (did you mean 'train'?)" in text
+    assert "train.max_step: unknown key (did you mean 'train.max_steps'?)" in text
+    assert "train.codec: unknown key (did you mean 'memory.codec'?)" in text
+    assert "lora.rnak: unknown key (did you mean 'lora.rank'?)" in text
+    assert "data.format: 'alpca' is not allowed (did you mean 'alpaca'?)" in text
+    with pytest.raises(ConfigError, match=r"lr=1e-4: overrides look like section\.key=value, e\.g\. train\.lr=1e-4 "
+                                          r"\(did you mean train\.lr=1e-4\?\)"):
+        config.load(None, ["data.path=d.jsonl", "lr=1e-4"])
+
+
+def test_paths_are_stored_absolute_against_the_launch_directory(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "conf").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "conf" / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "ckpt", "tokenizer": "ckpt"}, "data": {"path": "d.jsonl"},
+                                    "memory": {"cache_dir": "~/packs"}, "output": {"dir": "runs/a"}}))
+    cfg = config.load(path, ["data.eval_path=e.jsonl"])
+    assert cfg.model.name == str(tmp_path / "ckpt") and cfg.model.tokenizer == str(tmp_path / "ckpt")
+    assert cfg.data.path == str(tmp_path / "d.jsonl") and cfg.data.eval_path == str(tmp_path / "e.jsonl")
+    assert cfg.output.dir == str(tmp_path / "runs" / "a")
+    from pathlib import Path
+
+    assert cfg.memory.cache_dir == str(Path("~/packs").expanduser())
+    assert config.load(None, ["data.path=d.jsonl", "model.name=tiny-gemma4"]).model.name == "tiny-gemma4"
+    assert config.load(None, ["data.path=d.jsonl", "model.name=org/missing"]).model.name == "org/missing"
+    cfg.save(tmp_path / "saved.yaml")
+    monkeypatch.chdir(tmp_path / "conf")
+    again = config.load(tmp_path / "saved.yaml")
+    assert again.to_dict() == cfg.to_dict()

@@ -17,7 +17,9 @@ import yaml
 
 from streamtune.errors import ConfigError
 
-FORMATS = ("auto", "text", "alpaca", "messages")
+FORMATS = ("auto", "text", "alpaca", "messages", "sharegpt")
+# Target names of data.fields (the record keys the formats read).
+FIELD_TARGETS = ("instruction", "input", "output", "text", "messages", "conversations")
 CODECS = ("bf16", "int8", "nf4")
 STREAM_MODES = ("auto", "all", "none")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -32,19 +34,33 @@ _SIZE_UNITS = {
 }
 
 
+# Config keys holding file-system paths (made absolute by load()).
+PATH_KEYS = ("model.name", "model.tokenizer", "data.path", "data.eval_path", "output.dir", "memory.cache_dir")
+SIZE_FORMS = "24GiB (GiB = 2^30 bytes), 22GB (10^9 bytes), 512MiB, or a byte count with B such as 25769803776B"
+
+
 def parse_bytes(text: str | int | float) -> int:
-    """Parse a memory size such as ``24GiB``, ``24GB``, ``512MiB`` or a plain byte count.
+    """Parse a memory size such as ``24GiB``, ``24GB``, ``512MiB`` or ``25769803776B``.
+
+    A number without a unit is refused rather than read as bytes (``24`` is far more likely to mean
+    24 GiB than 24 bytes); Python ints and floats are taken as byte counts.
 
     Raises:
-        ValueError: the text is not a size.
+        ValueError: the text is not a size, or has no unit (the message lists the accepted forms).
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return int(text)
     match = _SIZE_RE.match(str(text))
     if not match:
-        raise ValueError(f"{text!r} is not a size (examples: 24GiB, 22GB, 512MiB)")
+        raise ValueError(f"{text!r} is not a size; write {SIZE_FORMS}")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
+    if not unit:
+        if float(number) < 1:
+            hint = " (fractions of the GPU are not accepted: give the amount)"
+        else:
+            hint = f" (a byte count needs B: {number}B)" if float(number) >= 2**20 else f" (did you mean {number}GiB?)"
+        raise ValueError(f"{text!r} has no unit{hint}; write {SIZE_FORMS}")
+    return int(float(number) * _SIZE_UNITS[unit.lower()])
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -64,14 +80,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("", "Training data: a .jsonl or .parquet file.")
-    format: str = _f("auto", "Record format: auto, text, alpaca (instruction/input/output) or messages (chat).")
+    path: str = _f("", "Training data: a .jsonl or .parquet file, or a directory written by datasets.save_to_disk.")
+    format: str = _f("auto", "Record format: auto, text, alpaca (instruction/input/output), messages (chat) or sharegpt (conversations of from/value).")
     eval_path: str | None = _f(None, "Optional evaluation file (same format).")
     eval_fraction: float = _f(0.0, "Fraction of the training records held out for evaluation when eval_path is unset.")
     seq_len: int = _f(512, "Tokens per sequence (packed sequences are filled up to this length).")
     pack: bool = _f(True, "Pack several samples into one sequence (no attention across samples).")
-    response_only: bool | None = _f(None, "Loss on responses only; default: true for alpaca/messages, false for text.")
+    response_only: bool | None = _f(None, "Loss on responses only; default: true for alpaca/messages/sharegpt, false for text.")
     text_field: str = _f("text", "Field holding the text for the text format.")
+    fields: dict[str, str] = _f({}, "Rename record keys for the format, e.g. {instruction: question, output: answer}; targets: instruction, input, output, text, messages, conversations.")
     shuffle: bool = _f(True, "Shuffle samples each epoch (seeded by train.seed).")
 
 
@@ -188,6 +205,10 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, problems: list[str]) -> 
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): v for k, v in value.items()}
         if kind.startswith("list[str] | str"):
             if isinstance(value, (list, tuple)):
                 return [str(v) for v in value]
@@ -218,7 +239,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     sections = {}
     for name in raw:
         if name not in _SECTION_CLASSES:
-            problems.append(f"{name}: unknown section; allowed: {', '.join(_SECTION_CLASSES)}")
+            problems.append(f"{name}: unknown section{did_you_mean(name, _SECTION_CLASSES)}; "
+                            f"allowed: {', '.join(_SECTION_CLASSES)}")
     for name, cls in _SECTION_CLASSES.items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
@@ -228,7 +250,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         kwargs = {}
         for key, value in values.items():
             if key not in by_name:
-                problems.append(f"{name}.{key}: unknown key; allowed: {', '.join(by_name)}")
+                problems.append(f"{name}.{key}: unknown key{_suggest_key(name, key)}; allowed: {', '.join(by_name)}")
                 continue
             kwargs[key] = _coerce(f"{name}.{key}", value, by_name[key], problems)
         sections[name] = cls(**kwargs)
@@ -239,9 +261,43 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def did_you_mean(word: str, options: Any) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``options`` to ``word``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def all_keys() -> list[str]:
+    """Every dotted config key, ``model.name`` ... ``output.progress``."""
+    return [f"{section}.{f.name}" for section, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+
+
+def _suggest_key(section: str, key: str) -> str:
+    """``" (did you mean 'memory.codec'?)"`` for a key put in the wrong section or mistyped."""
+    elsewhere = [dotted for dotted in all_keys() if dotted.split(".", 1)[1] == key]
+    if elsewhere:
+        return f" (did you mean {elsewhere[0]!r}?)"
+    same = [dotted for dotted in all_keys() if dotted.startswith(f"{section}.")]
+    return did_you_mean(f"{section}.{key}", same) or did_you_mean(f"{section}.{key}", all_keys())
+
+
+def _check_fields(problems: list[str], fields: dict[str, Any]) -> None:
+    for target, source in fields.items():
+        if target not in FIELD_TARGETS:
+            problems.append(f"data.fields: unknown target {target!r}{did_you_mean(target, FIELD_TARGETS)}; "
+                            f"allowed: {', '.join(FIELD_TARGETS)} (write target: record_key)")
+        if not isinstance(source, str) or not source:
+            problems.append(f"data.fields.{target}: {source!r} must be the name of a record key")
+    sources = [s for s in fields.values() if isinstance(s, str)]
+    for source in sorted({s for s in sources if sources.count(s) > 1}):
+        problems.append(f"data.fields: record key {source!r} is mapped to several targets; map it once")
+
+
 def _check_choice(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        problems.append(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+        problems.append(f"{key}: {value!r} is not allowed{did_you_mean(value, allowed)}; allowed: {', '.join(allowed)}")
 
 
 def _check_min(problems: list[str], key: str, value: float, minimum: float) -> None:
@@ -259,6 +315,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("data.path: required; a .jsonl or .parquet file")
     _check_choice(p, "data.format", cfg.data.format, FORMATS)
     _check_min(p, "data.seq_len", cfg.data.seq_len, 8)
+    _check_fields(p, cfg.data.fields)
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         p.append(f"data.eval_fraction: {cfg.data.eval_fraction} must be in [0, 1)")
     _check_min(p, "lora.rank", cfg.lora.rank, 1)
@@ -307,7 +364,9 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            problems.append(f"{item}: overrides look like section.key=value, e.g. train.lr=1e-4")
+            guess = [dotted for dotted in all_keys() if dotted.split(".", 1)[1] == key.strip()] if sep else []
+            hint = f" (did you mean {guess[0]}={text}?)" if guess else ""
+            problems.append(f"{item}: overrides look like section.key=value, e.g. train.lr=1e-4{hint}")
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -328,10 +387,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config, apply dotted overrides and validate.
+    """Load a YAML config, apply dotted overrides, validate, and make every path absolute.
 
-    Relative ``data.path``/``data.eval_path`` resolve against the YAML file's directory when
-    they exist there, so an example config runs from any working directory.
+    Relative paths resolve against the current directory at launch (see :func:`absolute_paths`);
+    a relative ``data.path``/``data.eval_path`` that does not exist there but does beside the YAML
+    file resolves against the YAML file's directory, so an example config runs from any directory.
 
     Raises:
         ConfigError: the file is missing or not YAML, or any key is invalid (all listed at once).
@@ -352,7 +412,31 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(problems)
     if not isinstance(raw, dict):
         raise ConfigError([f"config: {path} must hold a mapping of sections, got {type(raw).__name__}"])
-    return from_dict(_merge(raw, nested))
+    return absolute_paths(from_dict(_merge(raw, nested)))
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Make the paths of ``cfg`` absolute (in place; returned for chaining), against the current directory.
+
+    ``data.path``, ``data.eval_path``, ``output.dir`` and ``memory.cache_dir`` always; ``model.name``
+    and ``model.tokenizer`` only when they name an existing directory (a preset name stays a name).
+    ``~`` expands. The run's saved ``config.yaml`` then works from any directory (``--resume`` included).
+    """
+    import os
+
+    from streamtune.models.presets import is_preset
+
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        values = getattr(cfg, section)
+        value = getattr(values, key)
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser()
+        if section == "model" and (is_preset(value) or not path.is_dir()):
+            continue
+        setattr(values, key, os.path.abspath(path))
+    return cfg
 
 
 def _resolve_relative(raw: dict[str, Any], base_dir: Path) -> None:

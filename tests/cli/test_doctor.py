@@ -22,7 +22,15 @@ def _no_fix_leaks():
 def test_full_json_run_lists_every_entry(capsys, tmp_path):
     table = tmp_path / "VALIDATION-STATUS.md"
     assert main(["doctor", "--json", "--markdown", str(table)]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    progress = captured.err.splitlines()
+    total = len(P_IDS + N_IDS)
+    for index, entry_id in enumerate(P_IDS + N_IDS, start=1):  # one line as each check starts, one as it ends
+        started = [line for line in progress if line.startswith(f"[{index}/{total}] {entry_id}: ") and line.endswith(" ...")]
+        ended = [line for line in progress if line.startswith(f"[{index}/{total}] {entry_id}: ") and line.endswith(" s)")]
+        assert len(started) == 1 and len(ended) == 1, (entry_id, progress)
+        assert progress.index(started[0]) < progress.index(ended[0])
     assert set(report["versions"]) == {"torch", "transformers", "peft", "accelerate", "bitsandbytes"}
     assert report["cuda"]["available"] in (True, False)
     rows = report["fixes"]

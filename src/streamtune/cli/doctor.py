@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,32 @@ def _check_markdown_path(value: str | None) -> Path | None:
     return path
 
 
-def collect(ids: list[str] | None, apply_fixes: bool = False) -> dict[str, Any]:
+class ProgressLines:
+    """One stderr line as each reproducer starts and one as it ends (``[2/7] P2 ... reproduces (1.3 s)``).
+
+    The stream is taken when the object is made: the reproducers run with stderr redirected.
+    """
+
+    def __init__(self, total: int | None, stream: Any = None):
+        self.total, self.stream, self.done = total, stream or sys.stderr, 0
+
+    def __call__(self, phase: str, entry: Any, outcome: Any, seconds: float) -> None:
+        label = f"{entry.id} ({phase})" if phase != "stock" else entry.id
+        if outcome is None:
+            print(f"{self._counter(self.done + 1)} {label}: {entry.title} ...", file=self.stream, flush=True)
+            return
+        self.done += 1
+        verdict = {True: "reproduces", False: "does not reproduce", None: "cannot test here"}[outcome.reproduces]
+        print(f"{self._counter(self.done)} {label}: {verdict} ({seconds:.1f} s)", file=self.stream, flush=True)
+
+    def _counter(self, index: int) -> str:
+        return f"[{index}/{self.total}]" if self.total else f"[{index}]"
+
+
+def collect(ids: list[str] | None, apply_fixes: bool = False, progress: Any = None) -> dict[str, Any]:
     """Everything the doctor reports, as one JSON-ready dict.
+
+    ``progress`` (e.g. :class:`ProgressLines`) hears of each reproducer as it starts and ends.
 
     Raises:
         InputError: unknown id in ``ids``.
@@ -54,7 +79,7 @@ def collect(ids: list[str] | None, apply_fixes: bool = False) -> dict[str, Any]:
 
     compat.select(ids)
     if apply_fixes:
-        compat.apply(ids)
+        compat.apply(ids, progress)
     cuda = system.cuda_info()
     report = {
         "versions": compat.versions(),
@@ -62,7 +87,7 @@ def collect(ids: list[str] | None, apply_fixes: bool = False) -> dict[str, Any]:
         "cuda": cuda,
         "pinned_h2d_gbps": system.pinned_h2d_gbps() if cuda["available"] else None,
         "applied": compat.applied(),
-        "fixes": [result.to_dict() for result in compat.check(ids)],
+        "fixes": [result.to_dict() for result in compat.check(ids, progress)],
     }
     return report
 
@@ -114,7 +139,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     ids = _only(args.only)
     markdown_path = _check_markdown_path(args.markdown)
-    report = collect(ids, apply_fixes=args.apply)
+    from streamtune import compat
+
+    # Without --apply, check() runs each selected reproducer once; with it, how many run depends on the outcomes.
+    total = None if args.apply else len(compat.select(ids))
+    report = collect(ids, apply_fixes=args.apply, progress=ProgressLines(total))
     if markdown_path is not None:
         markdown_path.write_text(render_markdown(report))
     print(json.dumps(report, indent=2) if args.json else render_text(report))

@@ -6,7 +6,7 @@ import contextlib
 import io
 import logging
 import warnings
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from streamtune.compat import patches
 from streamtune.compat.entries import ENTRIES, FIX_INSTALLERS, by_id
@@ -14,6 +14,8 @@ from streamtune.compat.registry import Entry, Outcome, Result, in_affected_range
 from streamtune.errors import InputError
 
 log = logging.getLogger("streamtune.compat")
+# progress(phase, entry, outcome_or_None, seconds): called as each reproducer starts (outcome None) and ends.
+Progress = Callable[[str, Entry, Any, float], None]
 
 
 def select(ids: Iterable[str] | None = None) -> list[Entry]:
@@ -40,7 +42,12 @@ def _quiet():
         yield
 
 
-def _stock_outcomes(entries: list[Entry]) -> dict[str, tuple[Outcome, float]]:
+def _report(progress: Progress | None, phase: str, entry: Entry, outcome: Any = None, seconds: float = 0.0) -> None:
+    if progress is not None:
+        progress(phase, entry, outcome, seconds)
+
+
+def _stock_outcomes(entries: list[Entry], progress: Progress | None = None) -> dict[str, tuple[Outcome, float]]:
     """Run each distinct reproducer once, with every applied fix temporarily removed."""
     from streamtune.compat import lazy_device
 
@@ -50,23 +57,27 @@ def _stock_outcomes(entries: list[Entry]) -> dict[str, tuple[Outcome, float]]:
     with patches.temporarily_removed(patches.applied_fixes(), FIX_INSTALLERS), _quiet():
         for entry in entries:
             key = id(entry.reproducer)
+            _report(progress, "stock", entry)
             if key not in shared:
                 shared[key] = run_isolated(entry.reproducer)
             outcomes[entry.id] = shared[key]
+            _report(progress, "stock", entry, *shared[key])
     lazy_device.clear_cache()
     return outcomes
 
 
-def check(ids: Iterable[str] | None = None) -> list[Result]:
+def check(ids: Iterable[str] | None = None, progress: Progress | None = None) -> list[Result]:
     """Run the reproducers on the installed stack (fixes removed while they run).
+
+    ``progress`` (optional) hears of each reproducer as it starts and ends (see :data:`Progress`).
 
     Raises:
         InputError: unknown id in ``ids``.
     """
     entries = select(ids)
     installed = versions()
-    outcomes = _stock_outcomes(entries)
-    patched = _patched_outcomes([e for e in entries if _is_applied(e)])
+    outcomes = _stock_outcomes(entries, progress)
+    patched = _patched_outcomes([e for e in entries if _is_applied(e)], progress)
     results = []
     for entry in entries:
         outcome, seconds = outcomes[entry.id]
@@ -78,7 +89,7 @@ def check(ids: Iterable[str] | None = None) -> list[Result]:
     return results
 
 
-def _patched_outcomes(entries: list[Entry]) -> dict[str, bool | None]:
+def _patched_outcomes(entries: list[Entry], progress: Progress | None = None) -> dict[str, bool | None]:
     """For entries whose fix is applied: does the bug still reproduce with the fix in place?"""
     from streamtune.compat import lazy_device
 
@@ -87,8 +98,12 @@ def _patched_outcomes(entries: list[Entry]) -> dict[str, bool | None]:
     with _quiet():
         for entry in entries:
             key = id(entry.reproducer)
+            _report(progress, "with fix", entry)
             if key not in shared:
-                shared[key] = run_isolated(entry.reproducer)[0]
+                shared[key], seconds = run_isolated(entry.reproducer)
+                _report(progress, "with fix", entry, shared[key], seconds)
+            else:
+                _report(progress, "with fix", entry, shared[key], 0.0)
             found[entry.id] = shared[key].reproduces
     lazy_device.clear_cache()
     return found
@@ -98,7 +113,7 @@ def _is_applied(entry: Entry) -> bool:
     return entry.fix_kind == "patch" and patches.is_applied(entry.fix_id)
 
 
-def apply(ids: Iterable[str] | None = None) -> list[str]:
+def apply(ids: Iterable[str] | None = None, progress: Progress | None = None) -> list[str]:
     """Install the in-memory fixes whose reproducer fails on this stack; idempotent.
 
     Fixes already applied are kept without re-running their reproducers. Nothing on disk changes;
@@ -111,7 +126,7 @@ def apply(ids: Iterable[str] | None = None) -> list[str]:
         InputError: unknown id in ``ids``.
     """
     pending = [e for e in select(ids) if e.fix_kind == "patch" and not patches.is_applied(e.fix_id)]
-    outcomes = _stock_outcomes(pending)
+    outcomes = _stock_outcomes(pending, progress)
     for entry in pending:
         outcome, _ = outcomes[entry.id]
         if patches.is_applied(entry.fix_id):

@@ -1,4 +1,4 @@
-"""Record formats (text, alpaca, messages): validation, rendering and response-only labels.
+"""Record formats (text, alpaca, messages, sharegpt): validation, rendering and response-only labels.
 
 A record becomes ``(input_ids, labels)`` of equal length; ``labels`` is ``-100`` on tokens that
 carry no loss and equals ``input_ids`` elsewhere (not shifted: the model shifts). Which tokens are
@@ -15,8 +15,10 @@ from streamtune.data.sources import Record
 from streamtune.errors import InputError
 
 IGNORE_INDEX = -100
-FORMATS = ("text", "alpaca", "messages")
+FORMATS = ("text", "alpaca", "messages", "sharegpt")
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+OPTIONAL_FIELDS = ("input",)
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -31,6 +33,8 @@ def detect_format(record: Record, text_field: str) -> str:
     matches = []
     if "messages" in keys:
         matches.append("messages")
+    if "conversations" in keys:
+        matches.append("sharegpt")
     if {"instruction", "output"} <= keys:
         matches.append("alpaca")
     if text_field in keys:
@@ -39,8 +43,9 @@ def detect_format(record: Record, text_field: str) -> str:
     if not matches:
         raise InputError(
             f"data.format: auto-detection failed on {record.where}: keys found: {found}; expected 'messages' "
-            f"(messages), 'instruction' + 'output' (alpaca) or {text_field!r} (text, see data.text_field); "
-            f"set data.format to one of {', '.join(FORMATS)}"
+            f"(messages), 'conversations' (sharegpt), 'instruction' + 'output' (alpaca) or {text_field!r} (text, "
+            f"see data.text_field); set data.format to one of {', '.join(FORMATS)}, or map your keys with "
+            f"data.fields, e.g. {{instruction: question, output: answer}}"
         )
     if len(matches) > 1:
         raise InputError(
@@ -85,6 +90,56 @@ def _messages(record: Record) -> list[dict[str, str]]:
     return out
 
 
+def _sharegpt_messages(record: Record) -> list[dict[str, str]]:
+    """The ``conversations`` of a ShareGPT record (``from``/``value`` turns) as chat messages."""
+    turns = record.data.get("conversations")
+    if not isinstance(turns, list):
+        what = "missing" if "conversations" not in record.data else f"a {type(turns).__name__}"
+        raise InputError(f"{record.where}: field 'conversations' must be a list of {{from, value}} turns, got {what}")
+    if not turns:
+        raise InputError(f"{record.where}: field 'conversations' is empty; give at least a human and a gpt turn")
+    out = []
+    for i, turn in enumerate(turns):
+        field = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise InputError(f"{record.where}: field {field} must be an object {{from, value}}, got {type(turn).__name__}")
+        speaker = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if speaker not in SHAREGPT_ROLES:
+            raise InputError(f"{record.where}: field {field}.from is {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(value, str):
+            raise InputError(f"{record.where}: field {field}.value must be a string, got {type(value).__name__}")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return out
+
+
+def chat_messages(record: Record, fmt: str) -> list[dict[str, str]]:
+    """The chat messages of a ``messages`` or ``sharegpt`` record, validated."""
+    return _sharegpt_messages(record) if fmt == "sharegpt" else _messages(record)
+
+
+def map_fields(records: list[Record], fields: dict[str, str], text_field: str) -> list[Record]:
+    """Rename record keys as ``data.fields`` says (``{target: record_key}``); ``text`` maps to ``text_field``.
+
+    Raises:
+        InputError: a record lacks a mapped key (its file:line, the key and the target are named).
+    """
+    if not fields:
+        return records
+    out = []
+    for record in records:
+        data = dict(record.data)
+        for target, source in fields.items():
+            if source in data:
+                data[text_field if target == "text" else target] = data.pop(source)
+            elif target not in OPTIONAL_FIELDS:
+                found = ", ".join(map(str, record.data)) or "(none)"
+                raise InputError(f"{record.where}: missing field {source!r}, which data.fields maps to {target!r} "
+                                 f"(keys found: {found})")
+        out.append(Record(data, record.where))
+    return out
+
+
 def validate_record(record: Record, fmt: str, text_field: str) -> None:
     """Check one record against its format.
 
@@ -97,10 +152,11 @@ def validate_record(record: Record, fmt: str, text_field: str) -> None:
         _string_field(record, "instruction")
         _string_field(record, "input", required=False, allow_empty=True)
         _string_field(record, "output")
-    elif fmt == "messages":
-        messages = _messages(record)
+    elif fmt in ("messages", "sharegpt"):
+        messages = chat_messages(record, fmt)
         if not any(m["role"] == "assistant" for m in messages):
-            raise InputError(f"{record.where}: field 'messages' has no assistant turn; nothing to learn from")
+            name = "conversations" if fmt == "sharegpt" else "messages"
+            raise InputError(f"{record.where}: field {name!r} has no assistant turn; nothing to learn from")
     else:
         raise InputError(f"data.format: {fmt!r} is not allowed; allowed: auto, {', '.join(FORMATS)}")
 
@@ -167,7 +223,7 @@ def render(record: Record, fmt: str, tokenizer: Any, text_field: str,
         template = ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT
         prompt = template.format(instruction=instruction, input=extra)
         return prompt + output, [(len(prompt), len(prompt) + len(output))], False
-    text, spans = render_messages(tokenizer, _messages(record), record.where, with_spans)
+    text, spans = render_messages(tokenizer, chat_messages(record, fmt), record.where, with_spans)
     return text, spans, True
 
 

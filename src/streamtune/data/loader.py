@@ -8,17 +8,18 @@ which this module does not do.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import torch
 
-from streamtune.data.formats import detect_format, encode, validate_record
+from streamtune.data.formats import detect_format, encode, map_fields, validate_record
 from streamtune.data.packing import TokenStore, collate, plan_rows
 from streamtune.data.sources import Record, read_records
 from streamtune.errors import InputError
 
 HOLDOUT_SEED = 0x5EED
+MAX_TRUNCATED_EXAMPLES = 3
 
 
 @dataclass
@@ -40,6 +41,9 @@ class DataStats:
     num_eval_tokens: int = 0
     num_eval_trained_tokens: int = 0
     num_eval_truncated: int = 0
+    num_truncated_tokens: int = 0
+    num_eval_truncated_tokens: int = 0
+    truncated_examples: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,9 +161,12 @@ def _split(records: list[Record], eval_fraction: float) -> tuple[list[Record], l
     return train, [r for i, r in enumerate(records) if i in held]
 
 
-def _tokenize(records: list[Record], fmt: str, tokenizer: Any, data_cfg: Any, response_only: bool) -> TokenStore:
+def _tokenize(records: list[Record], fmt: str, tokenizer: Any, data_cfg: Any,
+              response_only: bool) -> tuple[TokenStore, list[str]]:
+    """The token store of ``records`` and where the first samples longer than ``data.seq_len`` came from."""
     samples = [encode(r, fmt, tokenizer, data_cfg.text_field, response_only) for r in records]
-    return TokenStore.from_samples(samples, data_cfg.seq_len)
+    too_long = [f"{r.where} ({len(ids)} tokens)" for r, (ids, _) in zip(records, samples) if len(ids) > data_cfg.seq_len]
+    return TokenStore.from_samples(samples, data_cfg.seq_len), too_long[:MAX_TRUNCATED_EXAMPLES]
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -170,11 +177,12 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _load_records(data_cfg: Any) -> tuple[str, list[Record], list[Record]]:
-    records = read_records(data_cfg.path, "data.path")
+    fields = dict(getattr(data_cfg, "fields", None) or {})
+    records = map_fields(read_records(data_cfg.path, "data.path"), fields, data_cfg.text_field)
     fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(records[0], data_cfg.text_field)
     eval_records: list[Record] = []
     if data_cfg.eval_path:
-        eval_records = read_records(data_cfg.eval_path, "data.eval_path")
+        eval_records = map_fields(read_records(data_cfg.eval_path, "data.eval_path"), fields, data_cfg.text_field)
     elif data_cfg.eval_fraction:
         records, eval_records = _split(records, float(data_cfg.eval_fraction))
     for record in records + eval_records:
@@ -203,7 +211,7 @@ def build_data(data_cfg: Any, tokenizer: Any, batch_size: int, seed: int) -> tup
     """
     fmt, records, eval_records = _load_records(data_cfg)
     response_only = data_cfg.response_only if data_cfg.response_only is not None else fmt != "text"
-    store = _tokenize(records, fmt, tokenizer, data_cfg, response_only)
+    store, truncated_examples = _tokenize(records, fmt, tokenizer, data_cfg, response_only)
     if store.num_trained_tokens == 0:
         raise InputError(
             f"data.path: no token of {data_cfg.path!r} carries loss (responses empty or cut off by "
@@ -212,16 +220,24 @@ def build_data(data_cfg: Any, tokenizer: Any, batch_size: int, seed: int) -> tup
     pad_id = _pad_id(tokenizer)
     train = TokenBatches(store, data_cfg.seq_len, bool(data_cfg.pack), batch_size, seed, bool(data_cfg.shuffle), pad_id)
     num_rows = len(train.rows(0))
+    if num_rows < batch_size:
+        raise InputError(
+            f"data.path: {data_cfg.path!r} makes {num_rows} sequence(s) of up to data.seq_len={data_cfg.seq_len} "
+            f"tokens ({len(store)} sample(s)), fewer than one batch of train.batch_size={batch_size}; add records "
+            f"or lower train.batch_size to {num_rows}"
+        )
     stats = DataStats(
         format=fmt, response_only=bool(response_only), pack=bool(data_cfg.pack), seq_len=data_cfg.seq_len,
         num_samples=len(store), num_tokens=store.num_tokens, num_trained_tokens=store.num_trained_tokens,
         num_truncated=store.num_truncated, rows_per_epoch=num_rows, batches_per_epoch=-(-num_rows // batch_size),
         packing_efficiency=store.num_tokens / (num_rows * data_cfg.seq_len),
+        num_truncated_tokens=store.num_truncated_tokens, truncated_examples=truncated_examples,
     )
     evaluation = None
     if eval_records:
-        eval_store = _tokenize(eval_records, fmt, tokenizer, data_cfg, response_only)
+        eval_store, _ = _tokenize(eval_records, fmt, tokenizer, data_cfg, response_only)
         evaluation = EvalBatches(eval_store, data_cfg.seq_len, bool(data_cfg.pack), batch_size, pad_id)
         stats.num_eval_samples, stats.num_eval_tokens = len(eval_store), eval_store.num_tokens
         stats.num_eval_trained_tokens, stats.num_eval_truncated = eval_store.num_trained_tokens, eval_store.num_truncated
+        stats.num_eval_truncated_tokens = eval_store.num_truncated_tokens
     return train, evaluation, stats

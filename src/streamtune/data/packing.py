@@ -28,10 +28,12 @@ class TokenStore:
     labels: torch.Tensor
     offsets: torch.Tensor
     num_truncated: int
+    num_truncated_tokens: int = 0
 
     @classmethod
     def from_samples(cls, samples: Sequence[tuple[list[int], list[int]]], max_len: int) -> "TokenStore":
-        """Store samples, truncating each to ``max_len`` tokens (counted in ``num_truncated``)."""
+        """Store samples, truncating each to ``max_len`` tokens (counted in ``num_truncated``, the tokens
+        cut in ``num_truncated_tokens``)."""
         lengths = [min(len(ids), max_len) for ids, _ in samples]
         offsets = torch.zeros(len(samples) + 1, dtype=torch.int64)
         offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
@@ -42,6 +44,7 @@ class TokenStore:
             labels=torch.tensor(flat_labels, dtype=torch.int32),
             offsets=offsets,
             num_truncated=sum(len(ids) > max_len for ids, _ in samples),
+            num_truncated_tokens=sum(max(0, len(ids) - max_len) for ids, _ in samples),
         )
 
     def __len__(self) -> int:

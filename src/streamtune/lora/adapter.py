@@ -28,11 +28,15 @@ def attach_lora(model: Any, adapter: Any, lora_cfg: Any, seed: int) -> Any:
         The ``peft.PeftModel``. LoRA weights are float32 whatever the base dtype.
 
     Raises:
-        InputError: a target matches nothing in the model (the message names the key).
+        InputError: a target or target parameter matches nothing in the model (the message names the
+            key and lists the names that exist).
     """
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from streamtune.lora.targets import check_lora_targets
+
+    check_lora_targets(model, lora_cfg)
     targets = adapter.default_lora_targets if lora_cfg.targets == "auto" else list(lora_cfg.targets)
     if isinstance(lora_cfg.targets, list) and not lora_cfg.targets:
         targets = None

@@ -24,6 +24,15 @@ _HOST_LABELS = {
 }
 
 
+def param_count(num_params: int) -> str:
+    """``25.23 B``, ``6.74 M`` or ``395,520``: a parameter count in a unit that shows it (tiny models included)."""
+    if num_params >= 10**9:
+        return f"{num_params / 1e9:.2f} B"
+    if num_params >= 10**6:
+        return f"{num_params / 1e6:.2f} M"
+    return f"{num_params:,}"
+
+
 def ranges(indices: list[int]) -> str:
     """``[0, 1, 2, 5]`` as ``0-2, 5``."""
     if not indices:
@@ -55,7 +64,7 @@ def format_table(plan: Plan, shortfall: bool = True) -> str:
     fmt = {"codec": plan.codec, "slots": plan.ring_slots, "lora": plan.lora_trainable_params}
     t = plan.timing
     lines = [
-        f"plan: {plan.model_name} ({plan.total_params / 1e9:.2f} B params), codec {plan.codec}, "
+        f"plan: {plan.model_name} ({param_count(plan.total_params)} params), codec {plan.codec}, "
         f"{plan.tokens} tokens/micro-batch, LoRA r={plan.lora_rank}, gradient checkpointing "
         f"{'on' if plan.gradient_checkpointing else 'off'}, stream={plan.stream}",
         f"link: {plan.link.gpu_name} ({plan.link.source}): H2D {plan.link.h2d_gbps:.1f} GB/s, "

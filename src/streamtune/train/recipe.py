@@ -126,6 +126,10 @@ class Recipe:
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
         self.dist.broadcast_params(self.params)
+        if self.dist.is_main:
+            from streamtune.train.summary import print_summary
+
+            print_summary(cfg, self.data_stats, self.model, self.placement, self.plan, self.start_step)
         self.logger = self.dist.logger(lambda: MetricsLogger(self.run_dir, cfg.train.max_steps, self.start_step,
                                                              cfg.output.tensorboard, cfg.output.progress))
 
@@ -139,9 +143,11 @@ class Recipe:
 
     def _build_data(self) -> None:
         from streamtune.data import build_data, load_tokenizer
+        from streamtune.lora.targets import check_lora_targets_of_config
         from streamtune.models.build import resolve_config
 
-        resolve_config(self.cfg.model.name, self.cfg.model.trust_remote_code)
+        config = resolve_config(self.cfg.model.name, self.cfg.model.trust_remote_code)
+        check_lora_targets_of_config(config, self.cfg.lora)
         _check_cache_dir(self.cfg)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.train_loader, self.eval_loader, self.data_stats = build_data(
@@ -280,6 +286,9 @@ class Recipe:
                 f"--resume: the run already finished {self.start_step} steps; raise train.max_steps "
                 f"(now {self.cfg.train.max_steps}) to train further"
             )
+        from streamtune.train.schedule import rebase_on_resume
+
+        _note(rebase_on_resume(self.scheduler, self.optimizer, self.cfg.train, self.start_step))
 
     def loop(self) -> TrainResult:
         """Train from ``start_step`` to ``train.max_steps``; checkpoint, evaluate, save the adapter.
@@ -442,6 +451,13 @@ def _report_loading(load_stats: dict[str, float] | None, pack_cache: Any) -> Non
         line += (f"; pack cache {pack_cache.directory}: {stats['hits']} layer(s) read "
                  f"({stats['bytes_read'] / 1e9:.2f} GB at {stats['read_gbps']:.2f} GB/s), {stats['misses']} encoded and stored")
     print(line, file=sys.stderr)
+
+
+def _note(text: str | None) -> None:
+    import sys
+
+    if text:
+        print(f"note: {text}", file=sys.stderr)
 
 
 def _check_vocab(model: Any, tokenizer: Any) -> None:

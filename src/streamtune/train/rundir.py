@@ -79,11 +79,24 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
             for key, value in values.items()}
 
 
+def _same(key: str, saved: Any, current: Any) -> bool:
+    """Equal values; for path keys, equal once both are absolute (runs saved before paths were stored absolute)."""
+    import os
+
+    from streamtune.config import PATH_KEYS
+
+    if saved == current:
+        return True
+    if key in PATH_KEYS and isinstance(saved, str) and isinstance(current, str) and saved and current:
+        return os.path.abspath(os.path.expanduser(saved)) == os.path.abspath(os.path.expanduser(current))
+    return False
+
+
 def _check_resume_config(cfg: Any, saved_path: Path) -> None:
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     current = _flatten(cfg.to_dict())
     changed = [key for key in sorted(set(saved) | set(current))
-               if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+               if not _same(key, saved.get(key), current.get(key)) and not key.startswith(RESUMABLE_CHANGES)]
     if changed:
         details = ", ".join(f"{key} ({saved.get(key)!r} -> {current.get(key)!r})" for key in changed)
         raise InputError(

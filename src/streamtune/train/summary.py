@@ -1,0 +1,121 @@
+"""The start-of-run summary printed (stderr) before the first step: data, steps, LoRA, placement."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+GiB = 2**30
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _count(value: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return str(value)
+
+
+def data_lines(cfg: Any, stats: Any) -> list[str]:
+    """What the data amounts to, and what truncation cut."""
+    kind = "packed sequences" if stats.pack else "sequences (one sample each)"
+    loss = "response-only loss" if stats.response_only else "loss on all tokens"
+    lines = [f"data: {_n(stats.num_samples)} records ({stats.format}, {loss}) -> {_n(stats.rows_per_epoch)} {kind} "
+             f"of up to {stats.seq_len} tokens per epoch; {_n(stats.num_tokens)} tokens, "
+             f"{_n(stats.num_trained_tokens)} with loss, packing efficiency {stats.packing_efficiency:.0%}"]
+    if stats.num_truncated:
+        examples = getattr(stats, "truncated_examples", None) or []
+        first = f" (first: {', '.join(examples)})" if examples else ""
+        lines.append(f"truncated: {_n(stats.num_truncated)} of {_n(stats.num_samples)} samples are longer than "
+                     f"data.seq_len={stats.seq_len}; {_n(getattr(stats, 'num_truncated_tokens', 0))} tokens cut{first}; "
+                     f"raise data.seq_len to keep them")
+    if stats.num_eval_samples:
+        line = f"eval: {_n(stats.num_eval_samples)} records, {_n(stats.num_eval_tokens)} tokens"
+        if stats.num_eval_truncated:
+            line += (f"; {_n(stats.num_eval_truncated)} longer than data.seq_len "
+                     f"({_n(getattr(stats, 'num_eval_truncated_tokens', 0))} tokens cut)")
+        lines.append(line)
+    return lines
+
+
+def steps_line(cfg: Any, stats: Any, start_step: int) -> str:
+    """Steps, sequences per step, and the epochs they amount to."""
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum
+    sequences = t.max_steps * per_step
+    epochs = sequences / max(1, stats.rows_per_epoch)
+    line = (f"steps: {_n(t.max_steps)} x {per_step} sequences (train.batch_size {t.batch_size} x train.grad_accum "
+            f"{t.grad_accum}) = {_n(sequences)} sequences = {epochs:.2f} epochs")
+    if start_step:
+        line += f"; resuming after step {start_step}"
+    return line
+
+
+def lora_line(cfg: Any, model: Any) -> str:
+    """Trainable parameters per LoRA target and in total."""
+    from streamtune.lora.targets import trainable_by_target
+
+    per_target = trainable_by_target(model)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    parts = [f"{name} {e['layers']} layers x {_n(e['per_layer'])} = {_n(e['params'])}" if e["per_layer"]
+             else f"{name} {e['layers']} layers (sizes differ) = {_n(e['params'])}" for name, e in per_target.items()]
+    share = f" ({total / max(1, total + frozen):.2%} of {_count(total + frozen)} params)"
+    return f"LoRA r={cfg.lora.rank}: " + "; ".join(parts) + f"; total {_n(total)} trainable{share}"
+
+
+def placement_line(placement: Any, plan: Any) -> str | None:
+    """Resident and streamed decoder layers, codec, memory; the plan's predictions when there is one."""
+    if placement is None:
+        return None
+    d = placement.describe()
+    streamed, resident = list(d.get("streamed_layers", [])), list(d.get("resident_layers", []))
+    line = (f"placement: {len(resident)} resident, {len(streamed)} streamed decoder layers (codec {d.get('codec')}"
+            + (f", ring {d.get('ring_slots')} slots, prefetch {d.get('prefetch')}" if streamed else "") + ")")
+    if streamed:
+        line += f"; streamed: {_ranges(streamed)}; host {_bytes(d.get('host_bytes', 0))} pinned"
+    if plan is not None:
+        peak = sum(plan.gpu_bytes.values())
+        line += (f"; plan: GPU peak {_bytes(peak)} of {_bytes(plan.gpu_budget_bytes)}, "
+                 f"{plan.timing.get('step_seconds', 0.0):.2f} s per micro-batch")
+    return line
+
+
+def _bytes(value: float) -> str:
+    return f"{value / GiB:.2f} GiB" if value >= GiB else f"{value / 2**20:.1f} MiB"
+
+
+def _ranges(indices: list[int]) -> str:
+    parts, start = [], None
+    for i, value in enumerate(sorted(indices)):
+        if start is None:
+            start = prev = value
+        elif value != prev + 1:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+            start = value
+        prev = value
+        if i == len(indices) - 1:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(parts)
+
+
+def summary_lines(cfg: Any, stats: Any, model: Any, placement: Any = None, plan: Any = None,
+                  start_step: int = 0) -> list[str]:
+    """Every line of the start-of-run summary."""
+    lines = [*data_lines(cfg, stats), steps_line(cfg, stats, start_step), lora_line(cfg, model)]
+    placed = placement_line(placement, plan)
+    if placed:
+        lines.append(placed)
+    return lines
+
+
+def print_summary(cfg: Any, stats: Any, model: Any, placement: Any = None, plan: Any = None,
+                  start_step: int = 0, file: Any = None) -> None:
+    """Print :func:`summary_lines` to stderr (or ``file``)."""
+    out = file or sys.stderr
+    for line in summary_lines(cfg, stats, model, placement, plan, start_step):
+        print(line, file=out)
+    out.flush()
