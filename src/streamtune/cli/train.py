@@ -40,9 +40,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args.config, overrides)
     from streamtune.train import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, resume_command=resume_command(args))
     _summary(result)
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run from its latest checkpoint."""
+    import shlex
+
+    words = ["streamtune", "train", args.config, *args.overrides]
+    if getattr(args, "cache_dir", None):
+        words += ["--cache-dir", args.cache_dir]
+    return shlex.join([*words, "--resume"])
 
 
 def _summary(result: Any) -> None:
