@@ -54,7 +54,9 @@ def _start(cfg, run):
     return command, proc
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+# SIGINT's handler is the same (tests/train/test_guard.py runs it in-process); its subprocess run is slow only
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143),
+                                              pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_signal_checkpoints_the_run_and_resume_continues_exactly(reference, tmp_path, signum, code):
     run = tmp_path / "run"
     command, proc = _start(reference["cfg"], run)
