@@ -2,9 +2,10 @@
 
 
 class StreamtuneError(Exception):
-    """Base class of streamtune's own errors (runtime failure, exit code 1)."""
+    """Base class of streamtune's own errors (runtime failure, exit code 1; the CLI prints ``label: message``)."""
 
     exit_code = 1
+    label = "error"
 
 
 class InputError(StreamtuneError):

@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import pytest
 import torch
@@ -175,3 +176,20 @@ def test_stats(tmp_path, tok, write_jsonl, data_cfg):
     assert stats.num_trained_tokens == sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     assert stats.packing_efficiency == pytest.approx(stats.num_tokens / (stats.rows_per_epoch * 64))
     assert stats.to_dict()["format"] == "alpaca" and stats.num_samples == 12 and stats.num_truncated == 0
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_batches_name_their_samples_and_records(tmp_path, tok, write_jsonl, data_cfg, pack):
+    lines = records(12)
+    path = write_jsonl(tmp_path / "d.jsonl", [lines[0], "", *lines[1:]])  # a blank line: records keep file lines
+    loader, _, _ = build_data(data_cfg(path, seq_len=64, pack=pack, eval_fraction=0.25), tok, 2, 3)
+    batch = next(loader)
+    assert batch["sample_indices"] == loader.rows(0)[:2]
+    for row, ids in zip(batch["sample_indices"], batch["input_ids"]):
+        first = row[0]
+        expected_ids, _ = loader.store.sample(first)
+        assert torch.equal(ids[:expected_ids.numel()], expected_ids.long())
+        file, _, line = loader.where(first).rpartition(":")
+        record = json.loads(path.read_text().splitlines()[int(line) - 1])
+        assert file == str(path) and record["instruction"] in tok.decode(expected_ids.tolist())
+    assert loader.where(10_000) == "sample 10000"

@@ -49,6 +49,17 @@ def _logits(model, ids=IDS):
         return model(input_ids=ids, use_cache=False).logits
 
 
+def _assert_same_logits(model, stock):
+    """Bit-exact where both run the same model class (same kernels, same weights); within float
+    tolerance where they do not (``Gemma4ForCausalLM`` vs ``Gemma4ForConditionalGeneration``: the
+    two forwards order their ops differently, which shows as ~1e-6 on some CPUs)."""
+    got, expected = _logits(model), _logits(stock)
+    if type(model) is type(stock):
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", [*TINY, "gemma4-multimodal"])
 def test_weights_and_logits_equal_stock_from_pretrained(saved, name):
     directory = saved[name]
@@ -59,7 +70,7 @@ def test_weights_and_logits_equal_stock_from_pretrained(saved, name):
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
-    assert torch.equal(_logits(model), _logits(stock))
+    _assert_same_logits(model, stock)
 
 
 @pytest.mark.parametrize("stream", ["all", "none"])
@@ -74,7 +85,7 @@ def test_engine_fills_layers_from_the_shards(saved, name, stream):
     assert placement.engine.host_bytes > 0
     stats = opened.finish()
     assert stats["bytes_read"] > 0
-    assert torch.equal(_logits(opened.model), _logits(stock))
+    _assert_same_logits(opened.model, stock)
     placement.close()
 
 
@@ -160,7 +171,7 @@ def test_fused_expert_layout_loads_too(tmp_path, saved):
     for part in range(3):
         save_file({k: state[k] for k in keys[part::3]}, str(directory / f"part-{part}.safetensors"))
     model, _ = load_checkpoint(directory, torch.float32, progress=False)
-    assert torch.equal(_logits(model), _logits(stock))
+    _assert_same_logits(model, stock)
 
 
 def test_tied_embeddings_share_one_tensor(saved):
@@ -206,7 +217,7 @@ def test_bf16_layers_are_read_straight_into_their_pack(saved):
         buffer = placement.engine.packs[index].buffer
         start = buffer.data_ptr()
         assert start <= out.data_ptr() < start + buffer.numel()  # a view of the pack: no unpacked copy
-    assert torch.equal(_logits(opened.model), _logits(stock))
+    _assert_same_logits(opened.model, stock)
     placement.close()
 
 

@@ -43,10 +43,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(config_path, overrides)
     from streamtune.train import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, resume_command=resume_command(args))
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun only rank 0 reports
         _summary(result)
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run from its latest checkpoint."""
+    import shlex
+
+    words = ["streamtune", "train", args.config, *args.overrides]
+    if getattr(args, "cache_dir", None):
+        words += ["--cache-dir", args.cache_dir]
+    return shlex.join([*words, "--resume"])
 
 
 def _config_and_overrides(first: str, rest: list[str]) -> tuple[str, list[str]]:

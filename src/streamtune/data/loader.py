@@ -57,14 +57,18 @@ class TokenBatches:
     running on into the next epoch without a short batch. ``state_dict()`` is ``(epoch, position)``
     of the next row; a loader given it by ``load_state_dict`` yields the same batches as the
     uninterrupted one.
+
+    Each batch also carries ``sample_indices``: per row, the indices (into the train split) of the
+    samples packed into it; :meth:`where` names the dataset record of an index.
     """
 
     def __init__(self, store: TokenStore, seq_len: int, pack: bool, batch_size: int, seed: int,
-                 shuffle: bool, pad_id: int):
+                 shuffle: bool, pad_id: int, sources: list[str] | None = None):
         if batch_size < 1:
             raise InputError(f"train.batch_size: {batch_size} must be >= 1")
         self.store, self.seq_len, self.pack = store, seq_len, pack
         self.batch_size, self.seed, self.shuffle, self.pad_id = batch_size, seed, shuffle, pad_id
+        self.sources = sources
         self.epoch, self.position = 0, 0
         self._rows_epoch = -1
         self._rows: list[list[int]] = []
@@ -94,7 +98,15 @@ class TokenBatches:
             self.position += take
             if self.position >= len(rows):
                 self.epoch, self.position = self.epoch + 1, 0
-        return collate(self.store, batch_rows, self.seq_len, self.pack, self.pad_id)
+        batch = collate(self.store, batch_rows, self.seq_len, self.pack, self.pad_id)
+        batch["sample_indices"] = [list(row) for row in batch_rows]
+        return batch
+
+    def where(self, index: int) -> str:
+        """The dataset record of sample ``index`` (``file:line`` or ``file:row N``), or ``sample N``."""
+        if self.sources is None or not 0 <= index < len(self.sources):
+            return f"sample {index}"
+        return self.sources[index]
 
     def _fingerprint(self) -> dict[str, Any]:
         return {"num_samples": len(self.store), "num_tokens": self.store.num_tokens, "seq_len": self.seq_len,
@@ -218,7 +230,8 @@ def build_data(data_cfg: Any, tokenizer: Any, batch_size: int, seed: int) -> tup
             f"data.seq_len={data_cfg.seq_len}); raise data.seq_len or set data.response_only: false"
         )
     pad_id = _pad_id(tokenizer)
-    train = TokenBatches(store, data_cfg.seq_len, bool(data_cfg.pack), batch_size, seed, bool(data_cfg.shuffle), pad_id)
+    train = TokenBatches(store, data_cfg.seq_len, bool(data_cfg.pack), batch_size, seed, bool(data_cfg.shuffle), pad_id,
+                         sources=[r.where for r in records])
     num_rows = len(train.rows(0))
     if num_rows < batch_size:
         raise InputError(

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 from streamtune.errors import InputError
 
 BASE_INFO_FILE = "streamtune.json"
+# peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model.
+PEFT_DEPRECATED_READ = r"`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Any:
+    """Hide the FutureWarning that peft's own use of a deprecated transformers API raises while it
+    wraps a model (that one message only: the user can do nothing about it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATED_READ, category=FutureWarning)
+        yield
 
 
 def attach_lora(model: Any, adapter: Any, lora_cfg: Any, seed: int) -> Any:
@@ -47,7 +60,8 @@ def attach_lora(model: Any, adapter: Any, lora_cfg: Any, seed: int) -> Any:
     )
     torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+        with peft_wrapping():
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as exc:
         key = "lora.target_parameters" if lora_cfg.target_parameters and "parameter" in str(exc).lower() else "lora.targets"
         raise InputError(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtune.errors import InputError
-from streamtune.lora.adapter import build_base_for_adapter
+from streamtune.lora.adapter import build_base_for_adapter, peft_wrapping
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
@@ -32,7 +32,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"--out: {str(out_dir)!r} exists and is not empty; pick a new directory or pass --overwrite")
     base, _ = build_base_for_adapter(adapter_dir, dtype)
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with peft_wrapping():
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     merged = peft_model.merge_and_unload()
     tmp_dir = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp_dir, ignore_errors=True)

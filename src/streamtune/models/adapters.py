@@ -73,6 +73,20 @@ def unwrap(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Turn on the stock (non-reentrant) activation checkpointing of a HF model's decoder layers.
+
+    Newer transformers name it ``activation_checkpointing_enable`` and warn on the old
+    ``gradient_checkpointing_enable``; older ones have only the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def decoder(model: Any) -> Any:
     """The text decoder module (owner of ``embed_tokens``, ``layers``, ``norm``).
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamtune.models.adapters import decoder_layers, unwrap
+from streamtune.models.adapters import decoder_layers, enable_activation_checkpointing, unwrap
 from streamtune.offload.checkpoint import StreamedLayer
 from streamtune.offload.host import LayerPack, bind, materialize, pack_layer, unbind
 from streamtune.offload.ring import SlotRing
@@ -108,7 +108,7 @@ class StreamEngine:
     def _configure_checkpointing(self, enabled: bool) -> None:
         base = unwrap(self.model)
         if enabled and getattr(base, "supports_gradient_checkpointing", False):
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(base)
             if hasattr(base, "enable_input_require_grads"):
                 base.enable_input_require_grads()
 

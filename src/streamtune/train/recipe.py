@@ -25,6 +25,7 @@ from typing import Any
 from streamtune.errors import InputError, StreamtuneError
 from streamtune.hostmem import peak_rss_bytes, rss_bytes
 from streamtune.train import checkpoint as ckpt
+from streamtune.train.guard import StepStart, StopSignals, non_finite_error, stopped_error
 from streamtune.train.loss import count_valid_tokens, lm_loss_sum
 from streamtune.train.metrics import MetricsLogger, check_tensorboard, truncate_metrics
 from streamtune.train.rundir import check_run_dir, init_run_dir
@@ -76,14 +77,21 @@ def resolve_dtype(name: str, device: Any) -> Any:
     return getattr(torch, name)
 
 
-def train(cfg: Any, resume: bool = False) -> TrainResult:
+def train(cfg: Any, resume: bool = False, resume_command: str | None = None) -> TrainResult:
     """Run (or resume) the LoRA fine-tune described by ``cfg`` (a RunConfig).
+
+    Args:
+        cfg: the run's ``RunConfig``.
+        resume: continue the run in ``output.dir`` from its latest checkpoint.
+        resume_command: the command that resumes this run, quoted in the messages of a stopped run.
 
     Raises:
         InputError: bad input found during setup (exit code 2).
-        StreamtuneError: runtime failure such as running out of GPU memory (exit code 1).
+        RunStopped: SIGINT/SIGTERM stopped the run after writing a checkpoint (exit code 130/143).
+        StreamtuneError: runtime failure such as running out of GPU memory, or a non-finite loss or
+            gradient (exit code 1; the last good state is checkpointed).
     """
-    recipe = Recipe(cfg, resume)
+    recipe = Recipe(cfg, resume, resume_command)
     recipe.setup()
     try:
         return recipe.loop()
@@ -94,13 +102,16 @@ def train(cfg: Any, resume: bool = False) -> TrainResult:
 class Recipe:
     """One training run; see the module docstring for the order of things."""
 
-    def __init__(self, cfg: Any, resume: bool = False):
+    def __init__(self, cfg: Any, resume: bool = False, resume_command: str | None = None):
         self.cfg = cfg
         self.resume = resume
+        self.resume_command = resume_command or "streamtune train CONFIG --resume"
         self.logger: MetricsLogger | None = None
         self.placement: Any = None
+        self.signals: StopSignals | None = None
         self.start_step = 0
         self.dist: Any = None
+        self.last_saved_step: int | None = None
 
     def setup(self) -> None:
         """Check inputs, build data, model, LoRA, placement, optimizer; restore a checkpoint."""
@@ -280,7 +291,7 @@ class Recipe:
         if self.dist.is_main:
             ckpt.remove_partial(self.run_dir)
             truncate_metrics(self.run_dir, state.step)
-        self.start_step = state.step
+        self.start_step = self.last_saved_step = state.step
         if self.start_step >= self.cfg.train.max_steps:
             raise InputError(
                 f"--resume: the run already finished {self.start_step} steps; raise train.max_steps "
@@ -294,14 +305,20 @@ class Recipe:
         """Train from ``start_step`` to ``train.max_steps``; checkpoint, evaluate, save the adapter.
 
         Raises:
-            StreamtuneError: out of GPU memory, or the loss became NaN/inf.
+            StreamtuneError: out of GPU memory, or the loss or gradient became NaN/inf (the last good
+                state is checkpointed first).
+            RunStopped: SIGINT or SIGTERM (a checkpoint of the run so far is written first).
         """
         t = self.cfg.train
         result = TrainResult(self.run_dir, self.run_dir / ADAPTER_DIR, self.start_step, t.max_steps)
         started = time.perf_counter()
         batches = iter(self.train_loader)
+        self.signals = StopSignals().install()
         for step in range(self.start_step + 1, t.max_steps + 1):
-            record = self._train_step(step, batches)
+            start = self._step_start()
+            record = self._train_step(step, batches, start)
+            if record is None:
+                self._stop(step, start)
             if self.eval_loader is not None and _due(step, t.eval_every, t.max_steps, at_end=True):
                 record["eval_loss"] = self.evaluate()
                 result.eval_losses.append(record["eval_loss"])
@@ -310,15 +327,33 @@ class Recipe:
             if _due(step, t.save_every, t.max_steps, at_end=True):
                 self.save_checkpoint(step)
             self.on_step_end(step)
+            if step < t.max_steps and self._stop_requested():
+                self._stop(step)
         self.save_adapter()
         result.wall_s = time.perf_counter() - started
         result.model = self.model
         return result
 
+    def _stop_requested(self) -> bool:
+        """A stop signal reached this rank, or (under torchrun) any rank: all ranks stop after the same step."""
+        received = self.signals.received is not None
+        if not self.dist.active:
+            return received
+        if self.dist.sum_numbers([float(received)], "cpu", "stop-signal all-reduce")[0] > 0 and not received:
+            import signal
+
+            self.signals.received = signal.SIGTERM  # another rank was signalled
+        return self.signals.received is not None
+
     def on_step_end(self, step: int) -> None:
         """Called after each step is logged and checkpointed (a hook for tests and tools)."""
 
-    def _train_step(self, step: int, batches: Any) -> dict[str, Any]:
+    def _step_start(self) -> StepStart:
+        return StepStart(self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None,
+                         ckpt.capture_rng())
+
+    def _train_step(self, step: int, batches: Any, start: StepStart) -> dict[str, Any] | None:
+        """One optimizer step; None when a stop signal came before its last micro-batch (abandoned)."""
         import torch
 
         t = self.cfg.train
@@ -330,29 +365,21 @@ class Recipe:
             [sum(count_valid_tokens(b["labels"]) for b in micro), sum(_num_tokens(b) for b in micro)], "cpu",
             "token count all-reduce"))
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_sum = 0.0
-        try:
-            for batch in micro:
-                batch = _to_device(batch, self.device)
-                part = lm_loss_sum(self.model, self.arch, batch, t.loss_chunk_tokens)
-                (part / max(1, loss_tokens)).backward()
-                # stays on the device: a host sync per micro-batch would stall the copy pipeline
-                loss_sum = loss_sum + part.detach()
-        except torch.OutOfMemoryError as exc:
-            raise StreamtuneError(
-                f"out of GPU memory at step {step}: lower data.seq_len, train.batch_size or "
-                f"memory.gpu_budget, or stream more layers (memory.stream=all): {exc}"
-            ) from exc
+        parts = self._accumulate(step, micro, loss_tokens)
+        if parts is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.dist.all_reduce_grads(self.params)
-        loss_sum = self.dist.sum_numbers([loss_sum], self.device, "loss all-reduce")[0]
+        loss_sum = self.dist.sum_numbers([sum(parts)], self.device, "loss all-reduce")[0]
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        loss = float(loss_sum) / max(1, loss_tokens)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._fail_non_finite(step, start, micro, parts, loss, grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(loss_sum) / max(1, loss_tokens)
-        if not math.isfinite(loss):
-            raise StreamtuneError(f"loss is {loss} at step {step}; lower train.lr or check the data")
         _sync(self.device)
         step_s = time.perf_counter() - started
         return {
@@ -362,6 +389,44 @@ class Recipe:
             "host_peak_rss_bytes": peak_rss_bytes(),
             **self.placement.step_metrics(),
         }
+
+    def _accumulate(self, step: int, micro: list[dict[str, Any]], loss_tokens: int) -> list[Any] | None:
+        """Forward and backward of every micro-batch; their summed token losses, kept on the device
+        (a host sync per micro-batch would stall the copy pipeline). None: stopped by a signal."""
+        import torch
+
+        parts = []
+        try:
+            for batch in micro:
+                # a single process may abandon the step; ranks finish it together (their collectives must match)
+                if not self.dist.active and self.signals is not None and self.signals.received is not None:
+                    return None
+                batch = _to_device(batch, self.device)
+                part = lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens)
+                (part / max(1, loss_tokens)).backward()
+                parts.append(part.detach())
+        except torch.OutOfMemoryError as exc:
+            raise StreamtuneError(
+                f"out of GPU memory at step {step}: lower data.seq_len, train.batch_size or "
+                f"memory.gpu_budget, or stream more layers (memory.stream=all): {exc}"
+            ) from exc
+        return parts
+
+    def _fail_non_finite(self, step: int, start: StepStart, micro: list[dict[str, Any]], parts: list[Any],
+                         loss: float, grad_norm: float) -> None:
+        """Checkpoint the state before ``step`` and raise an error naming the step's samples."""
+        path = self._save_once(step - 1, start)
+        raise non_finite_error(step, loss, grad_norm, micro, parts, self.train_loader, path, self.resume_command)
+
+    def _stop(self, step: int, start: StepStart | None = None) -> None:
+        """Checkpoint after a stop signal and raise :class:`RunStopped`; ``start``: step was abandoned."""
+        path = self._save_once(step - 1 if start is not None else step, start)
+        raise stopped_error(self.signals, step, start is not None, path, self.resume_command)
+
+    def _save_once(self, step: int, start: StepStart | None) -> Path:
+        if self.last_saved_step == step:
+            return self.run_dir / ckpt.CHECKPOINTS_DIR / f"step-{step}"
+        return self.save_checkpoint(step, start)
 
     def evaluate(self) -> float:
         """Mean token loss over the first ``train.eval_batches`` batches of the eval data."""
@@ -378,17 +443,25 @@ class Recipe:
         loss_sum, loss_tokens = self.dist.sum_numbers([loss_sum, loss_tokens], "cpu", "eval loss all-reduce")
         return loss_sum / max(1, loss_tokens)
 
-    def save_checkpoint(self, step: int) -> Path:
-        """Write ``RUN/checkpoints/step-N`` (atomically; rank 0 writes, the others wait)."""
-        return self.dist.main_writes(self._write_checkpoint, step, what=f"checkpoint step-{step}")
+    def save_checkpoint(self, step: int, start: StepStart | None = None) -> Path:
+        """Write ``RUN/checkpoints/step-N`` (atomically; rank 0 writes, the others wait).
 
-    def _write_checkpoint(self, step: int) -> Path:
+        Args:
+            step: the number of optimizer steps the weights, optimizer and scheduler have taken.
+            start: data position and RNGs to record instead of the current ones (those at the start
+                of step N + 1, for a step that was not applied).
+        """
+        path = self.dist.main_writes(self._write_checkpoint, step, start, what=f"checkpoint step-{step}")
+        self.last_saved_step = step  # on every rank: _save_once must make the same collective calls everywhere
+        return path
+
+    def _write_checkpoint(self, step: int, start: StepStart | None = None) -> Path:
         from streamtune.lora import trainable_state
 
-        loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
+        start = start or self._step_start()
         state = ckpt.TrainState(
             step=step, trainable=trainable_state(self.model), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), loader=loader_state, rng=ckpt.capture_rng(),
+            scheduler=self.scheduler.state_dict(), loader=start.loader, rng=start.rng,
             extra={"data_stats": _plain(self.data_stats), **self.dist.checkpoint_extra(self.cfg.train)},
         )
         return ckpt.save_checkpoint(self.run_dir, state)
@@ -401,7 +474,10 @@ class Recipe:
                                      self.base_info, what="adapter")
 
     def teardown(self) -> None:
-        """Close the metrics writers and release the placement."""
+        """Put the previous signal handlers back, close the metrics writers and release the placement."""
+        if self.signals is not None:
+            self.signals.restore()
+            self.signals = None
         if self.logger is not None:
             self.logger.close()
             self.logger = None
