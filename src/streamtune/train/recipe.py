@@ -191,6 +191,7 @@ class Recipe:
         from streamtune.offload import place
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
+        self._apply_kernels()
         load_tensor = self.checkpoint.load_tensor if self.checkpoint is not None else None
         self.pack_cache = self._pack_cache()
         try:
@@ -208,6 +209,13 @@ class Recipe:
 
         self.scheduler = build_scheduler(self.optimizer, t)
 
+    def _apply_kernels(self) -> None:
+        """``train.kernels``: pick the fast pieces for this device and patch the model with them."""
+        from streamtune.kernels import apply_kernels, select_for_device
+
+        self.kernels = select_for_device(self.cfg.train.kernels, self.device, self.dtype)
+        self.kernels_applied = apply_kernels(self.model, self.kernels)
+
     def _record_placement(self) -> None:
         """``RUN/placement.json``: where each layer lives and which codec stores each frozen tensor."""
         import json
@@ -215,6 +223,7 @@ class Recipe:
         from streamtune.files import atomic_write_bytes
 
         record = {**self.placement.describe(), "device": str(self.device),
+                  "kernels": {**self.kernels.describe(), **self.kernels_applied},
                   "tensor_codecs": self.placement.engine.tensor_codecs(), "loading": self.load_stats,
                   "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None}
         atomic_write_bytes(self.run_dir / PLACEMENT_FILE, json.dumps(record, indent=1).encode())
@@ -289,7 +298,7 @@ class Recipe:
         try:
             for batch in micro:
                 batch = _to_device(batch, self.device)
-                part = lm_loss_sum(self.model, self.arch, batch, t.loss_chunk_tokens)
+                part = lm_loss_sum(self.model, self.arch, batch, t.loss_chunk_tokens, self.kernels)
                 (part / max(1, loss_tokens)).backward()
                 # stays on the device: a host sync per micro-batch would stall the copy pipeline
                 loss_sum = loss_sum + part.detach()
@@ -326,7 +335,8 @@ class Recipe:
                 if index >= self.cfg.train.eval_batches:
                     break
                 batch = _to_device(batch, self.device)
-                loss_sum += float(lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens))
+                loss_sum += float(lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens,
+                                             self.kernels))
                 loss_tokens += count_valid_tokens(batch["labels"])
         self.model.train()
         return loss_sum / max(1, loss_tokens)

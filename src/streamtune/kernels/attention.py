@@ -1,0 +1,132 @@
+"""Attention through FlexAttention with block masks, registered with transformers by name.
+
+The name :data:`FLEX_NAME` is registered in transformers' ``AttentionInterface`` (the kernel) and
+``AttentionMaskInterface`` (the mask builder); :func:`use_flex_attention` points a model's config
+at it. transformers' masking utilities then build one ``BlockMask`` per layer type per forward
+(causal, sliding window, packed-sample boundaries from ``position_ids``, padding) with no dense
+mask, and every attention layer calls one ``torch.compile(flex_attention)`` (compiled once per
+process; a head_dim-512 layer gets the ``kernel_options`` of :mod:`streamtune.kernels.select`).
+
+On the CPU FlexAttention has no backward, so the CPU form (uncompiled, used by tests) is
+forward-only; the training fast path selects FlexAttention on CUDA only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamtune.kernels.counters import count
+
+FLEX_NAME = "streamtune_flex"
+_STATE: dict[str, Any] = {"choice": None, "compiled": None}
+
+
+def _flex_kernel(device_type: str) -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type != "cuda":
+        return flex_attention
+    if _STATE["compiled"] is None:
+        import torch
+
+        _STATE["compiled"] = torch.compile(flex_attention, dynamic=False)
+    return _STATE["compiled"]
+
+
+def _repeat_kv(states: Any, repeats: int) -> Any:
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, repeats, length, dim).reshape(batch, heads * repeats, length, dim)
+
+
+def flex_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                           scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None,
+                           **kwargs: Any) -> tuple[Any, None]:
+    """transformers attention function: ``[B, H, T, D]`` inputs, ``[B, T, H, D]`` output.
+
+    Raises:
+        ValueError: attention dropout, a dense mask, or extras (sinks, position bias) it cannot take.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if dropout > 0 or softcap is not None or kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError("streamtune FlexAttention takes no attention dropout, soft-cap, sinks or position bias; "
+                         "use train.kernels=eager for this model")
+    if attention_mask is not None and not isinstance(attention_mask, BlockMask):
+        raise ValueError(f"streamtune FlexAttention needs a BlockMask, got {type(attention_mask).__name__}")
+    heads, kv_heads = query.shape[1], key.shape[1]
+    enable_gqa = heads != kv_heads
+    if enable_gqa and heads & (heads - 1):  # the GQA kernels need a power-of-two head count
+        key, value = _repeat_kv(key, heads // kv_heads), _repeat_kv(value, heads // kv_heads)
+        enable_gqa = False
+    choice = _STATE["choice"]
+    options = choice.kernel_options(query.shape[-1]) if choice is not None else None
+    count("flex_attention")
+    out = _flex_kernel(query.device.type)(query, key, value, block_mask=attention_mask, scale=scaling,
+                                          enable_gqa=enable_gqa, kernel_options=options)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def flex_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                    mask_function: Any = None, attention_mask: Any = None, device: Any = "cpu", **kwargs: Any) -> Any:
+    """transformers mask function: the ``BlockMask`` of ``mask_function`` (plus padding and offsets).
+
+    transformers' own ``flex_attention_mask`` builds it (compiled mask evaluation) on CUDA; on the
+    CPU the same mask is built uncompiled.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers import masking_utils as mu
+
+    mask_function = mask_function or mu.causal_mask_function
+    if torch.device(device).type == "cuda":
+        return mu.flex_attention_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                                      mask_function=mask_function, attention_mask=attention_mask, device=device)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding))
+    mask_function = mu.add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
+    return create_block_mask(mask_function, batch_size, None, q_length, kv_length, device=device, _compile=False)
+
+
+def register_flex() -> None:
+    """Register :data:`FLEX_NAME` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(FLEX_NAME, flex_attention_forward)
+    AttentionMaskInterface.register(FLEX_NAME, flex_block_mask)
+
+
+def use_flex_attention(model: Any, choice: Any) -> str:
+    """Point ``model`` (PEFT-wrapped or not) at FlexAttention; returns the previous implementation name.
+
+    Raises:
+        ValueError: the model's attention does not go through transformers' attention registry.
+    """
+    from streamtune.models import unwrap
+
+    base = unwrap(model)
+    if not getattr(base, "_supports_flex_attn", False):
+        raise ValueError(f"{type(base).__name__} does not support FlexAttention; use train.kernels=eager")
+    register_flex()
+    _STATE["choice"] = choice
+    previous = base.config._attn_implementation
+    _set_implementation(base, FLEX_NAME)
+    return previous
+
+
+def _set_implementation(base: Any, name: str) -> None:
+    configs = {id(base.config): base.config}
+    for module in base.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = config
+    for config in configs.values():
+        config._attn_implementation = name
+
+
+def restore_attention(model: Any, name: str) -> None:
+    """Undo :func:`use_flex_attention` (``name``: what it returned)."""
+    from streamtune.models import unwrap
+
+    _set_implementation(unwrap(model), name)
