@@ -66,26 +66,41 @@ def flex_attention_forward(module: Any, query: Any, key: Any, value: Any, attent
     return out.transpose(1, 2).contiguous(), None
 
 
-def flex_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                    mask_function: Any = None, attention_mask: Any = None, device: Any = "cpu", **kwargs: Any) -> Any:
-    """transformers mask function: the ``BlockMask`` of ``mask_function`` (plus padding and offsets).
+def flex_block_mask(*args: Any, **kwargs: Any) -> Any:
+    """transformers mask function: transformers' own ``flex_attention_mask`` (arguments passed through,
+    their names differ across 5.x), i.e. the ``BlockMask`` of the mask function plus padding and offsets.
 
-    transformers' own ``flex_attention_mask`` builds it (compiled mask evaluation) on CUDA; on the
-    CPU the same mask is built uncompiled.
+    On CUDA the mask is evaluated compiled, as transformers does; on the CPU uncompiled (compiling
+    the mask takes over a minute there and changes no value).
     """
-    import torch
-    from torch.nn.attention.flex_attention import create_block_mask
     from transformers import masking_utils as mu
 
-    mask_function = mask_function or mu.causal_mask_function
-    if torch.device(device).type == "cuda":
-        return mu.flex_attention_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
-                                      mask_function=mask_function, attention_mask=attention_mask, device=device)
-    if attention_mask is not None and not bool(attention_mask.all()):
-        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-        mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding))
-    mask_function = mu.add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
-    return create_block_mask(mask_function, batch_size, None, q_length, kv_length, device=device, _compile=False)
+    if _device_type(args, kwargs) == "cuda":
+        return mu.flex_attention_mask(*args, **kwargs)
+    compiled = mu.create_block_mask
+    mu.create_block_mask = _uncompiled_block_mask
+    try:
+        return mu.flex_attention_mask(*args, **kwargs)
+    finally:
+        mu.create_block_mask = compiled
+
+
+def _uncompiled_block_mask(*args: Any, **kwargs: Any) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    kwargs["_compile"] = False
+    return create_block_mask(*args, **kwargs)
+
+
+def _device_type(args: tuple, kwargs: dict) -> str:
+    import torch
+
+    if kwargs.get("device") is not None:
+        return torch.device(kwargs["device"]).type
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
 
 
 def register_flex() -> None:
