@@ -136,8 +136,8 @@ def piece_attention(args: argparse.Namespace, model: Any, kind: str) -> dict[str
     module = layers[index].self_attn
     heads = config.num_attention_heads
     full = kind == "full_attention"
-    head_dim = config.global_head_dim if full else config.head_dim
-    kv_heads = config.num_global_key_value_heads if full else config.num_key_value_heads
+    head_dim = module.head_dim
+    kv_heads = module.k_proj.get_base_layer().out_features // head_dim
     gen = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(1, heads, args.tokens, head_dim, device="cuda", generator=gen).bfloat16()
     k = torch.randn(1, kv_heads, args.tokens, head_dim, device="cuda", generator=gen).bfloat16()
@@ -170,44 +170,129 @@ def piece_attention(args: argparse.Namespace, model: Any, kind: str) -> dict[str
     return _compare(result)
 
 
-def piece_model(args: argparse.Namespace, model: Any, adapter: Any) -> dict[str, Any]:
-    from streamtune.kernels import apply_kernels, calls, reset, select_for_device
+VARIANTS = {  # name -> fast pieces on (lora_compute_dtype, fused_linear_ce, flex_attention)
+    "fast": (True, True, True), "lora-only": (True, False, False), "loss-only": (False, True, False),
+    "flex-only": (False, False, True),
+}
+
+
+def _set_variant(model: Any, pieces: tuple[bool, bool, bool] | None) -> Any:
+    """Restore the stock model, then apply the chosen fast pieces; returns the KernelChoice (None: stock)."""
+    import dataclasses
+
+    from streamtune.kernels import apply_kernels, select_for_device
+    from streamtune.kernels.attention import restore_attention
+    from streamtune.kernels.lora import restore_stock_lora
+
+    restore_stock_lora(model)
+    restore_attention(model, "sdpa")
+    if pieces is None:
+        return None
+    choice = select_for_device("auto", torch.device("cuda"), torch.bfloat16)
+    choice = dataclasses.replace(choice, lora_compute_dtype=pieces[0], fused_linear_ce=pieces[1], flex_attention=pieces[2])
+    apply_kernels(model, choice)
+    return choice
+
+
+def _model_run(args: argparse.Namespace, model: Any, adapter: Any, batch: dict, kernels: Any, timing: bool) -> dict:
+    from streamtune.kernels import calls, reset
     from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+
+    def step() -> Any:
+        model.zero_grad(set_to_none=True)
+        loss = lm_loss_sum(model, adapter, batch, args.loss_chunk_tokens, kernels) / count_valid_tokens(batch["labels"])
+        loss.backward()
+        return loss.detach()
+
+    reset()
+    loss = step()
+    out = {"loss": float(loss), "calls": {k: calls(k) for k in ("lora_compute_dtype", "fused_linear_ce", "flex_attention")},
+           "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}}
+    if timing:
+        torch.cuda.reset_peak_memory_stats()
+        out["s"], _ = timed(step, args.warmup, args.repeats)
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["profile"] = _profile(step)
+    return out
+
+
+def piece_model(args: argparse.Namespace, model: Any, adapter: Any) -> dict[str, Any]:
+    """Eager vs fast (and one piece at a time); every bf16 run also against an fp32 eager reference."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.tokens), generator=gen).cuda()
+    positions = (torch.arange(args.tokens) % args.doc_tokens)[None].cuda()
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
+    runs = {"eager": _model_run(args, model, adapter, batch, _set_variant(model, None), True)}
+    for name, pieces in VARIANTS.items():
+        runs[name] = _model_run(args, model, adapter, batch, _set_variant(model, pieces), name == "fast")
+    _set_variant(model, None)
+    for p in model.parameters():  # bf16 -> fp32 is exact: the same weights, an fp32 eager reference
+        if not p.requires_grad:
+            p.data = p.data.float()
+    reference = _model_run(args, model, adapter, batch, None, False)
+    summary: dict[str, Any] = {}
+    eager_grads = runs["eager"]["grads"]
+    for name, run in runs.items():
+        grads = run.pop("grads")
+        vs_eager = {n: cosine(g, eager_grads[n]) for n, g in grads.items()}
+        vs_ref = {n: cosine(g, reference["grads"][n]) for n, g in grads.items()}
+        run["loss_rel_err_vs_fp32"] = rel(run["loss"], reference["loss"])
+        run["loss_rel_err_vs_eager"] = rel(run["loss"], runs["eager"]["loss"])
+        run["grad_cosine_min_vs_eager"] = min(vs_eager.values())
+        run["grad_cosine_mean_vs_eager"] = statistics.mean(vs_eager.values())
+        run["grad_cosine_min_vs_fp32"] = min(vs_ref.values())
+        run["grad_cosine_mean_vs_fp32"] = statistics.mean(vs_ref.values())
+        run["grad_cosine_min_tensor_vs_fp32"] = min(vs_ref, key=vs_ref.get)
+        summary[name] = run
+    eager, fast = summary["eager"], summary["fast"]
+    return {**summary, "fp32_loss": reference["loss"], "loss_rel_err": fast["loss_rel_err_vs_eager"],
+            "grad_cosine_min": fast["grad_cosine_min_vs_eager"], "speedup": eager["s"] / fast["s"]}
+
+
+FP32_FLEX_OPTIONS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16,
+                     "num_stages": 1, "num_warps": 4}
+
+
+def piece_model_fp32(args: argparse.Namespace, model: Any, adapter: Any) -> dict[str, Any]:
+    """The same model in fp32 (exact copy of the bf16 weights): eager vs every fast piece, numerics only.
+
+    In bf16 a random-weight model's LoRA gradients are dominated by rounding (the ``model`` piece
+    shows the stock bf16 path itself far from the fp32 gradients), so the logic of the fast path
+    (FlexAttention backward, packed masks, recompute, fused loss, LoRA form) is checked here in fp32.
+    """
+    import dataclasses
+
+    from streamtune.kernels import apply_kernels, select_for_device
 
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, model.config.vocab_size, (1, args.tokens), generator=gen).cuda()
     positions = (torch.arange(args.tokens) % args.doc_tokens)[None].cuda()
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    result: dict[str, Any] = {}
-    for name in ("eager", "fast"):
-        kernels = None
-        if name == "fast":
-            kernels = select_for_device("auto", torch.device("cuda"), torch.bfloat16)
-            result["applied"] = apply_kernels(model, kernels)
-
-        def step() -> Any:
-            model.zero_grad(set_to_none=True)
-            loss = lm_loss_sum(model, adapter, batch, args.loss_chunk_tokens, kernels) / count_valid_tokens(batch["labels"])
-            loss.backward()
-            return loss.detach()
-
-        reset()
-        step()
-        torch.cuda.reset_peak_memory_stats()
-        seconds, loss = timed(step, args.warmup, args.repeats)
-        peak = torch.cuda.max_memory_allocated()
-        counts = {k: calls(k) for k in ("lora_compute_dtype", "fused_linear_ce", "flex_attention")}
-        result[name] = {"s": seconds, "loss": float(loss), "peak_bytes": peak, "calls": counts,
-                        "grads": {n: p.grad.clone() for n, p in params.items()}, "profile": _profile(step)}
-    eager, fast = result["eager"], result["fast"]
-    cosines = {n: cosine(fast["grads"][n], eager["grads"][n]) for n in params}
-    worst = min(cosines, key=cosines.get)
-    for side in (eager, fast):
-        side.pop("grads")
-    return {"eager": eager, "fast": fast, "applied": result["applied"], "loss_rel_err": rel(fast["loss"], eager["loss"]),
-            "grad_cosine_min": cosines[worst], "grad_cosine_min_tensor": worst,
-            "grad_cosine_mean": statistics.mean(cosines.values()), "speedup": eager["s"] / fast["s"]}
+    _set_variant(model, None)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.float()
+    eager = _model_run(args, model, adapter, batch, None, False)
+    out: dict[str, Any] = {"eager_loss": eager["loss"]}
+    choice = select_for_device("auto", torch.device("cuda"), torch.bfloat16)
+    for name, pieces in (("lora+loss", (True, True, False)), ("fast", (True, True, True))):
+        _set_variant(model, None)
+        kernels = dataclasses.replace(choice, lora_compute_dtype=pieces[0], fused_linear_ce=pieces[1],
+                                      flex_attention=pieces[2], flex_options={512: FP32_FLEX_OPTIONS})
+        apply_kernels(model, kernels)
+        try:
+            run = _model_run(args, model, adapter, batch, kernels, False)
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
+            continue
+        cos = {n: cosine(g, eager["grads"][n]) for n, g in run["grads"].items()}
+        out[name] = {"loss": run["loss"], "loss_rel_err": rel(run["loss"], eager["loss"]), "calls": run["calls"],
+                     "grad_cosine_min": min(cos.values()), "grad_cosine_min_tensor": min(cos, key=cos.get),
+                     "grad_cosine_mean": statistics.mean(cos.values())}
+    fast = {**out.get("fast", {}), "s": float("nan")}
+    return {**out, "eager": {"s": float("nan"), "loss": eager["loss"]}, "fast": fast,
+            "loss_rel_err": fast.get("loss_rel_err", float("nan")),
+            "grad_cosine_min": fast.get("grad_cosine_min", float("nan")), "speedup": float("nan")}
 
 
 def _profile(step: Callable[[], Any]) -> dict[str, Any]:
@@ -299,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "attn-sliding": lambda: piece_attention(args, model, "sliding_attention"),
         "attn-full": lambda: piece_attention(args, model, "full_attention"),
         "model": lambda: piece_model(args, model, adapter),
+        "model-fp32": lambda: piece_model_fp32(args, model, adapter),
     }
     for name in args.pieces.split(","):
         started = time.perf_counter()

@@ -84,6 +84,7 @@ def test_flex_model_forward_equals_stock_forward_and_is_taken():
         previous = use_flex_attention(model, select_kernels("auto", "cuda", "float32", (9, 0)))
         flex = lm_loss_sum(model, adapter, batch, 128)
         assert calls("flex_attention") == model.config.num_hidden_layers
+        assert calls("flex_dense_fallback") == 0
         restore_attention(model, previous)
     assert model.config._attn_implementation == previous
     torch.testing.assert_close(flex, stock, rtol=1e-5, atol=1e-4)
@@ -107,3 +108,58 @@ def test_dense_mask_and_dropout_are_refused():
         flex_attention_forward(None, q, q, q, torch.ones(1, 1, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="dropout"):
         flex_attention_forward(None, q, q, q, None, dropout=0.1)
+
+
+def _lora_gemma(seq):
+    model, adapter = build_model("tiny-gemma4", torch.float32, seed=1)
+    model = attach_lora(model, adapter, LoraConfig(rank=4, alpha=8), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 1024, (2, seq), generator=gen)
+    positions = torch.cat([torch.arange(seq // 2), torch.arange(seq - seq // 2)]).repeat(2, 1)
+    return model, adapter, {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
+
+
+def _loss_and_grads(model, adapter, batch):
+    model.zero_grad(set_to_none=True)
+    loss = lm_loss_sum(model, adapter, batch, 32)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_short_sequences_use_dense_sdpa_with_the_block_masks_and_train():
+    model, adapter, batch = _lora_gemma(64)
+    ref_loss, ref_grads = _loss_and_grads(model, adapter, batch)
+    reset()
+    use_flex_attention(model, select_kernels("auto", "cuda", "float32", (9, 0)))
+    loss, grads = _loss_and_grads(model, adapter, batch)
+    layers = model.config.num_hidden_layers
+    assert calls("flex_attention") == calls("flex_dense_fallback") == layers
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    for key, ref in ref_grads.items():
+        torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_dense_with_a_warning(monkeypatch):
+    from streamtune.kernels import attention
+
+    def broken(device_type):
+        def kernel(*args, **kwargs):
+            raise RuntimeError("no valid choices")
+        return kernel
+
+    model, adapter, batch = _lora_gemma(SEQ)
+    with torch.no_grad():
+        ref = lm_loss_sum(model, adapter, batch, 128)
+        use_flex_attention(model, select_kernels("auto", "cuda", "float32", (9, 0)))
+        monkeypatch.setattr(attention, "_flex_kernel", broken)
+        reset()
+        with pytest.warns(RuntimeWarning, match="falls back to SDPA"):
+            got = lm_loss_sum(model, adapter, batch, 128)
+    assert calls("flex_dense_fallback") == model.config.num_hidden_layers
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    use_flex_attention(model, select_kernels("auto", "cuda", "float32", (9, 0)))
+    assert not attention._STATE["broken"]

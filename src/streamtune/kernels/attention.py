@@ -18,7 +18,9 @@ from typing import Any
 from streamtune.kernels.counters import count
 
 FLEX_NAME = "streamtune_flex"
-_STATE: dict[str, Any] = {"choice": None, "compiled": None}
+_STATE: dict[str, Any] = {"choice": None, "compiled": None, "broken": False}
+# One default FlexAttention mask block: shorter queries go to SDPA with a dense mask (see dense_attention).
+MIN_FLEX_QUERY_TOKENS = 128
 
 
 def _flex_kernel(device_type: str) -> Any:
@@ -58,12 +60,47 @@ def flex_attention_forward(module: Any, query: Any, key: Any, value: Any, attent
     if enable_gqa and heads & (heads - 1):  # the GQA kernels need a power-of-two head count
         key, value = _repeat_kv(key, heads // kv_heads), _repeat_kv(value, heads // kv_heads)
         enable_gqa = False
+    count("flex_attention")
+    if query.shape[2] < MIN_FLEX_QUERY_TOKENS or _STATE["broken"]:
+        out = dense_attention(query, key, value, attention_mask, scaling, enable_gqa)
+    else:
+        out = _flex_or_dense(query, key, value, attention_mask, scaling, enable_gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _flex_or_dense(query: Any, key: Any, value: Any, block_mask: Any, scaling: float | None, enable_gqa: bool) -> Any:
+    """The compiled FlexAttention kernel; if it cannot be compiled here, warn once and go dense from now on."""
+    import warnings
+
     choice = _STATE["choice"]
     options = choice.kernel_options(query.shape[-1]) if choice is not None else None
-    count("flex_attention")
-    out = _flex_kernel(query.device.type)(query, key, value, block_mask=attention_mask, scale=scaling,
-                                          enable_gqa=enable_gqa, kernel_options=options)
-    return out.transpose(1, 2).contiguous(), None
+    try:
+        return _flex_kernel(query.device.type)(query, key, value, block_mask=block_mask, scale=scaling,
+                                               enable_gqa=enable_gqa, kernel_options=options)
+    except Exception as exc:  # Inductor/Triton lowering errors have no common public base class
+        _STATE["broken"] = True
+        warnings.warn(f"streamtune: FlexAttention could not be compiled on this device ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); attention falls back to SDPA with dense masks (train.kernels=eager "
+                      "silences this)", RuntimeWarning, stacklevel=2)
+        return dense_attention(query, key, value, block_mask, scaling, enable_gqa)
+
+
+def dense_attention(query: Any, key: Any, value: Any, block_mask: Any, scaling: float | None, enable_gqa: bool) -> Any:
+    """SDPA with the dense form of ``block_mask`` (short sequences and the no-kernel fallback).
+
+    Sequences shorter than one mask block would take FlexAttention's decoding kernels, which do not
+    lower for every training shape (measured: tiny Gemma4, 64 tokens, bf16, H200).
+    """
+    import torch
+    from torch.nn.attention.flex_attention import create_mask
+
+    count("flex_dense_fallback")
+    mask = None
+    if block_mask is not None:
+        batch = block_mask.kv_num_blocks.shape[0]
+        mask = create_mask(block_mask.mask_mod, batch, 1, query.shape[2], key.shape[2], device=query.device)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                            enable_gqa=enable_gqa)
 
 
 def flex_block_mask(*args: Any, **kwargs: Any) -> Any:
@@ -125,6 +162,7 @@ def use_flex_attention(model: Any, choice: Any) -> str:
         raise ValueError(f"{type(base).__name__} does not support FlexAttention; use train.kernels=eager")
     register_flex()
     _STATE["choice"] = choice
+    _STATE["broken"] = False
     previous = base.config._attn_implementation
     _set_implementation(base, FLEX_NAME)
     return previous
