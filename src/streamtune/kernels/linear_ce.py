@@ -10,12 +10,15 @@ the three of forward + checkpointed recompute + backward.
 
 On CUDA the elementwise pass is compiled (Inductor fuses it into a reduction and a pointwise
 kernel that read the compute-dtype logits), so no fp32 copy of a chunk's logits is ever stored;
-the eager form (CPU, or ``compile=False``) computes the same numbers with fp32 temporaries.
+the eager form (CPU, or ``compile_=False``) computes the same numbers with fp32 temporaries.
+Imported lazily (by the loss, when the fused kernel is selected): it imports torch.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from streamtune.kernels.counters import count
 
@@ -28,8 +31,6 @@ def softcap_ce_rows(logits: Any, targets: Any, softcap: float | None, with_grad:
     Returns:
         ``(loss_sum fp32 0-dim, grad [n, V] in logits.dtype or None)``.
     """
-    import torch
-
     z = logits.float()
     if softcap is not None:
         capped = torch.tanh(z / softcap)
@@ -51,16 +52,12 @@ def _elementwise(compile_: bool) -> Any:
     if not compile_:
         return softcap_ce_rows
     if "fn" not in _COMPILED:
-        import torch
-
         _COMPILED["fn"] = torch.compile(softcap_ce_rows, dynamic=True)
     return _COMPILED["fn"]
 
 
 def _linear_ce_forward(hidden: Any, weight: Any, targets: Any, softcap: float | None, chunk_tokens: int,
                        need: tuple[bool, bool], compile_: bool) -> tuple[Any, Any, Any]:
-    import torch
-
     rows = _elementwise(compile_)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need[0] else None
@@ -79,34 +76,26 @@ def _linear_ce_forward(hidden: Any, weight: Any, targets: Any, softcap: float | 
     return total, grad_hidden, grad_weight
 
 
-def _function_class() -> Any:
-    import torch
+class LinearSoftcapCE(torch.autograd.Function):
+    """See the module docstring; inputs are the labelled rows only."""
 
-    class LinearSoftcapCE(torch.autograd.Function):
-        """See the module docstring; inputs are the labelled rows only."""
+    @staticmethod
+    def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, softcap: float | None,
+                chunk_tokens: int, compile_: bool) -> Any:
+        need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
+        total, grad_hidden, grad_weight = _linear_ce_forward(
+            hidden, weight, targets, softcap, chunk_tokens, need, compile_)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
 
-        @staticmethod
-        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, softcap: float | None,
-                    chunk_tokens: int, compile_: bool) -> Any:
-            need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
-            total, grad_hidden, grad_weight = _linear_ce_forward(
-                hidden, weight, targets, softcap, chunk_tokens, need, compile_)
-            ctx.save_for_backward(grad_hidden, grad_weight)
-            ctx.weight_dtype = weight.dtype
-            return total
-
-        @staticmethod
-        def backward(ctx: Any, grad_total: Any) -> tuple[Any, ...]:
-            grad_hidden, grad_weight = ctx.saved_tensors
-            scale = grad_total.float()
-            out_hidden = (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
-            out_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-            return out_hidden, out_weight, None, None, None, None
-
-    return LinearSoftcapCE
-
-
-_FUNCTION: dict[str, Any] = {}
+    @staticmethod
+    def backward(ctx: Any, grad_total: Any) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.float()
+        out_hidden = (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        out_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        return out_hidden, out_weight, None, None, None, None
 
 
 def linear_softcap_ce_sum(hidden: Any, weight: Any, targets: Any, softcap: float | None,
@@ -132,7 +121,5 @@ def linear_softcap_ce_sum(hidden: Any, weight: Any, targets: Any, softcap: float
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_softcap_ce_sum: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
                          "must be [n, H] and [V, H]")
-    if "cls" not in _FUNCTION:
-        _FUNCTION["cls"] = _function_class()
     count("fused_linear_ce")
-    return _FUNCTION["cls"].apply(hidden, weight.to(hidden.dtype), targets, softcap, chunk_tokens, compile_)
+    return LinearSoftcapCE.apply(hidden, weight.to(hidden.dtype), targets, softcap, chunk_tokens, compile_)
