@@ -24,6 +24,7 @@ CODECS = ("bf16", "int8", "nf4")
 STREAM_MODES = ("auto", "all", "none")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+KERNEL_MODES = ("auto", "eager")  # streamtune.kernels.select.KERNEL_MODES (kept torch-free here)
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -129,6 +130,8 @@ class TrainConfig:
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
+    kernels: str = _f("auto", "auto: fast kernels where the device supports them (bf16 LoRA products, fused "
+                      "soft-capped linear+CE, FlexAttention on CUDA); eager: the stock HF/PEFT path.")
 
 
 @dataclass
@@ -348,6 +351,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio: {t.min_lr_ratio} must be in [0, 1]")
     _check_choice(p, "train.device", t.device, DEVICES)
+    _check_choice(p, "train.kernels", t.kernels, KERNEL_MODES)
     if not cfg.output.dir:
         p.append("output.dir: required; the run directory")
     return p

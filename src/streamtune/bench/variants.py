@@ -27,10 +27,10 @@ def _adamw(model: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
-def _our_step(model: Any, adapter: Any, batch: dict, opt: Any, chunk_tokens: int) -> Any:
+def _our_step(model: Any, adapter: Any, batch: dict, opt: Any, chunk_tokens: int, kernels: Any = None) -> Any:
     from streamtune.train.loss import count_valid_tokens, lm_loss_sum
 
-    loss = lm_loss_sum(model, adapter, batch, chunk_tokens) / max(1, count_valid_tokens(batch["labels"]))
+    loss = lm_loss_sum(model, adapter, batch, chunk_tokens, kernels) / max(1, count_valid_tokens(batch["labels"]))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -81,13 +81,15 @@ def run_streamtune(args: Any) -> list[StepResult]:
     # layers are filled tensor by tensor while they are packed: host RAM peaks near the packed size
     lazy = LazyPreset(config, torch.bfloat16)
     model = attach_lora(lazy.model, args.lora_rank)
+    kernels, applied = _fast_kernels(model, getattr(args, "kernels", "eager"))
     budget = int(args.gpu_budget_gib * GIB)
     cap_gpu_memory(budget)
     pack_started = time.perf_counter()
     engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
                           num_slots=args.ring_slots, prefetch=args.prefetch, load_tensor=lazy.load_tensor)
     host = {"pack_s": time.perf_counter() - pack_started, "host_bytes": engine.host_bytes,
-            "host_rss_bytes": rss_bytes(), "host_peak_rss_bytes": peak_rss_bytes()}
+            "host_rss_bytes": rss_bytes(), "host_peak_rss_bytes": peak_rss_bytes(),
+            "kernels": {**kernels.describe(), **applied}}
     print(f"[bench] filled and packed {engine.host_bytes / 1e9:.2f} GB of {args.codec} layers in "
           f"{host['pack_s']:.1f} s, process RSS {host['host_rss_bytes'] / 1e9:.2f} GB, "
           f"peak {host['host_peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
@@ -106,7 +108,7 @@ def run_streamtune(args: Any) -> list[StepResult]:
 
     def step_for(tokens: int) -> Any:
         batch = random_batch(tokens, config.vocab_size, "cuda")
-        return lambda: _our_step(model, adapter, batch, opt, args.loss_chunk_tokens)
+        return lambda: _our_step(model, adapter, batch, opt, args.loss_chunk_tokens, kernels)
 
     results = _run_lengths("streamtune", args.tokens, args.steps, step_for, place,
                            lambda tokens: {"transfer": engine.step_metrics()})
@@ -119,6 +121,14 @@ def run_streamtune(args: Any) -> list[StepResult]:
     engine.set_streamed([])
     results += _run_lengths("resident", args.tokens, args.steps, step_for)
     return results
+
+
+def _fast_kernels(model: Any, mode: str) -> tuple[Any, dict]:
+    """``--kernels``: the fast pieces for this GPU, applied to ``model``."""
+    from streamtune.kernels import apply_kernels, select_for_device
+
+    kernels = select_for_device(mode, torch.device("cuda"), torch.bfloat16)
+    return kernels, apply_kernels(model, kernels)
 
 
 def _attach_transfer(result: StepResult, num_steps: int) -> None:

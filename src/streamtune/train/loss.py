@@ -38,7 +38,8 @@ def _chunk_loss_sum(hidden: Any, targets: Any, head: Any, softcap: float | None)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def chunked_lm_loss_sum(hidden: Any, labels: Any, head: Any, softcap: float | None, chunk_tokens: int) -> Any:
+def chunked_lm_loss_sum(hidden: Any, labels: Any, head: Any, softcap: float | None, chunk_tokens: int,
+                        kernels: Any = None) -> Any:
     """Sum of the token cross-entropies of ``hidden`` [B, T, H] against unshifted ``labels`` [B, T].
 
     Args:
@@ -47,6 +48,8 @@ def chunked_lm_loss_sum(hidden: Any, labels: Any, head: Any, softcap: float | No
         head: the output projection module.
         softcap: final logit soft-cap (Gemma), or None.
         chunk_tokens: positions per chunk; bounds the fp32 logits to ``chunk_tokens * vocab``.
+        kernels: a :class:`~streamtune.kernels.KernelChoice`; with ``fused_linear_ce`` (and a head
+            without bias) the chunks go through :func:`streamtune.kernels.linear_softcap_ce_sum`.
 
     Returns:
         A 0-dim fp32 tensor (0 when no position has a label).
@@ -62,6 +65,11 @@ def chunked_lm_loss_sum(hidden: Any, labels: Any, head: Any, softcap: float | No
         return total + 0.0 * hidden.sum()
     picked_hidden = flat_hidden.index_select(0, index)
     picked_targets = targets.index_select(0, index)
+    if kernels is not None and kernels.fused_linear_ce and getattr(head, "bias", None) is None:
+        from streamtune.kernels.linear_ce import linear_softcap_ce_sum
+
+        return total + linear_softcap_ce_sum(picked_hidden, head.weight, picked_targets, softcap, chunk_tokens,
+                                             compile_=kernels.compile_loss)
     for start in range(0, index.numel(), chunk_tokens):
         h = picked_hidden[start:start + chunk_tokens]
         t = picked_targets[start:start + chunk_tokens]
@@ -81,15 +89,17 @@ def final_hidden_states(model: Any, batch: dict[str, Any]) -> Any:
     return decoder(model)(**kwargs).last_hidden_state
 
 
-def lm_loss_sum(model: Any, arch_adapter: Any, batch: dict[str, Any], chunk_tokens: int) -> Any:
+def lm_loss_sum(model: Any, arch_adapter: Any, batch: dict[str, Any], chunk_tokens: int, kernels: Any = None) -> Any:
     """Summed next-token cross-entropy of ``model`` on ``batch`` (divide by the valid-token count).
+
+    ``kernels`` (a :class:`~streamtune.kernels.KernelChoice`, None: stock) picks the loss kernel.
 
     Returns:
         A 0-dim fp32 tensor.
     """
     hidden = final_hidden_states(model, batch)
     softcap = arch_adapter.logit_softcap(_config(model))
-    return chunked_lm_loss_sum(hidden, batch["labels"], lm_head(model), softcap, chunk_tokens)
+    return chunked_lm_loss_sum(hidden, batch["labels"], lm_head(model), softcap, chunk_tokens, kernels)
 
 
 def _config(model: Any) -> Any:

@@ -233,6 +233,7 @@ class Recipe:
         from streamtune.offload import place
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
+        self._apply_kernels()
         source = self.checkpoint if self.checkpoint is not None else self.preset
         load_tensor = source.load_tensor if source is not None else None
         host_store = self.dist.shared_host_store(self.checkpoint.reader.skip_layer if self.checkpoint else None)
@@ -255,6 +256,13 @@ class Recipe:
 
         self.scheduler = build_scheduler(self.optimizer, t)
 
+    def _apply_kernels(self) -> None:
+        """``train.kernels``: pick the fast pieces for this device and patch the model with them."""
+        from streamtune.kernels import apply_kernels, select_for_device
+
+        self.kernels = select_for_device(self.cfg.train.kernels, self.device, self.dtype)
+        self.kernels_applied = apply_kernels(self.model, self.kernels)
+
     def _record_placement(self) -> None:
         """``RUN/placement.json``: where each layer lives and which codec stores each frozen tensor."""
         import json
@@ -262,6 +270,7 @@ class Recipe:
         from streamtune.files import atomic_write_bytes
 
         record = {**self.placement.describe(), "device": str(self.device),
+                  "kernels": {**self.kernels.describe(), **self.kernels_applied},
                   "tensor_codecs": self.placement.engine.tensor_codecs(), "loading": self.load_stats,
                   "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None,
                   "world_size": self.dist.world_size, "shared_host": self.shared_host}
@@ -402,7 +411,7 @@ class Recipe:
                 if not self.dist.active and self.signals is not None and self.signals.received is not None:
                     return None
                 batch = _to_device(batch, self.device)
-                part = lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens)
+                part = lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens, self.kernels)
                 (part / max(1, loss_tokens)).backward()
                 parts.append(part.detach())
         except torch.OutOfMemoryError as exc:
@@ -437,7 +446,8 @@ class Recipe:
         with torch.no_grad():
             for batch in self.dist.shard(itertools.islice(self.eval_loader, self.cfg.train.eval_batches)):
                 batch = _to_device(batch, self.device)
-                loss_sum += float(lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens))
+                loss_sum += float(lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens,
+                                             self.kernels))
                 loss_tokens += count_valid_tokens(batch["labels"])
         self.model.train()
         loss_sum, loss_tokens = self.dist.sum_numbers([loss_sum, loss_tokens], "cpu", "eval loss all-reduce")

@@ -1,0 +1,39 @@
+"""The fast training path: kernels chosen per device, the stock HF path as the reference.
+
+``train.kernels=auto`` applies, where the device supports them, LoRA in the compute dtype
+(:mod:`.lora`), the fused linear + soft-capped cross-entropy (:mod:`.linear_ce`) and FlexAttention
+with block masks (:mod:`.attention`); ``eager`` keeps every stock HF/PEFT code path.
+Importing this package imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamtune.kernels.counters import calls, reset
+from streamtune.kernels.select import KERNEL_MODES, KernelChoice, select_for_device, select_kernels
+
+__all__ = ["KERNEL_MODES", "KernelChoice", "apply_kernels", "calls", "reset", "select_for_device", "select_kernels"]
+
+
+def apply_kernels(model: Any, choice: KernelChoice) -> dict[str, Any]:
+    """Switch ``model`` (PEFT-wrapped) to the fast pieces of ``choice`` that patch modules.
+
+    The loss kernel is not a module patch: pass ``choice`` to :func:`streamtune.train.loss.lm_loss_sum`.
+
+    Returns:
+        What was applied: ``{"lora_layers": n, "attention": name or None}``.
+    """
+    applied: dict[str, Any] = {"lora_layers": 0, "attention": None}
+    if choice.lora_compute_dtype:
+        from streamtune.kernels.lora import use_compute_dtype_lora
+
+        applied["lora_layers"] = use_compute_dtype_lora(model)
+    if choice.flex_attention:
+        from streamtune.kernels.attention import FLEX_NAME, use_flex_attention
+        from streamtune.models import unwrap
+
+        if getattr(unwrap(model), "_supports_flex_attn", False):
+            use_flex_attention(model, choice)
+            applied["attention"] = FLEX_NAME
+    return applied

@@ -1,0 +1,134 @@
+"""Which fast kernels a device gets: decided from ``train.kernels`` and the CUDA capability.
+
+Pure Python (no torch import at module level) so the choice is testable on the CPU by passing a
+fake ``capability``. ``eager`` is the stock HF path everywhere; ``auto`` takes each fast piece
+where it applies and falls back to the stock path where it does not:
+
+- LoRA in the compute dtype: wherever the compute dtype is not float32 (on the CPU in fp32 the
+  stock and fast forms are the same computation, so the stock one is kept).
+- Fused linear + soft-capped cross-entropy: every device (pure torch); its elementwise part is
+  compiled (one reduction + one pointwise kernel per chunk) on CUDA only.
+- FlexAttention: CUDA only (it has no CPU backward). The default Triton configs need more shared
+  memory than a head_dim-512 layer can have; smaller ``kernel_options`` are chosen per capability.
+- ``torch._grouped_mm``: the fast path exists on sm90 / sm100 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamtune.config import KERNEL_MODES
+
+# Capabilities with ~228 KB of shared memory per block and a grouped_mm fast path.
+_LARGE_SMEM_CAPABILITIES = ((9, 0), (10, 0))
+# Measured on the H200 (sm90): the default configs ask for 262,144 B of shared memory at
+# head_dim 512 (limit 232,448); these compile and run (notes/profile-categories.md).
+_HEAD_DIM_512_OPTIONS_SM90 = {
+    "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32,
+    "num_stages": 1, "num_warps": 8,
+}
+# Consumer cards (sm86 / sm89: ~100 KB of shared memory per block): small tiles for every head dim
+# above 128, one pipeline stage.
+_SMALL_SMEM_OPTIONS = {
+    "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16,
+    "num_stages": 1, "num_warps": 4,
+}
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The fast pieces a run uses (all False: the stock HF path).
+
+    Attributes:
+        mode: the ``train.kernels`` value this was chosen from.
+        device_type: ``cpu`` or ``cuda``.
+        capability: CUDA compute capability ``(major, minor)``, or None off CUDA.
+        lora_compute_dtype: LoRA products in the activations' dtype (fp32 master weights kept).
+        fused_linear_ce: LM head + soft-cap + cross-entropy as one chunked autograd function.
+        compile_loss: compile the loss's elementwise part (CUDA only).
+        flex_attention: attention through compiled FlexAttention with block masks.
+        grouped_mm: ``torch._grouped_mm`` has a fast path on this device.
+        flex_options: FlexAttention ``kernel_options`` per head dim (absent: the defaults).
+    """
+
+    mode: str = "eager"
+    device_type: str = "cpu"
+    capability: tuple[int, int] | None = None
+    lora_compute_dtype: bool = False
+    fused_linear_ce: bool = False
+    compile_loss: bool = False
+    flex_attention: bool = False
+    grouped_mm: bool = False
+    flex_options: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def kernel_options(self, head_dim: int) -> dict[str, int] | None:
+        """FlexAttention ``kernel_options`` for a layer of ``head_dim`` (None: Triton's defaults)."""
+        for limit in sorted(self.flex_options):
+            if head_dim <= limit:
+                return dict(self.flex_options[limit]) or None
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary (for logs and placement.json)."""
+        return {
+            "mode": self.mode, "device_type": self.device_type,
+            "capability": list(self.capability) if self.capability else None,
+            "lora_compute_dtype": self.lora_compute_dtype, "fused_linear_ce": self.fused_linear_ce,
+            "compile_loss": self.compile_loss, "flex_attention": self.flex_attention, "grouped_mm": self.grouped_mm,
+        }
+
+
+def flex_options_for(capability: tuple[int, int]) -> dict[int, dict[str, int]]:
+    """FlexAttention ``kernel_options`` by the largest head dim they serve, for a CUDA capability.
+
+    sm90 / sm100: Triton's defaults up to head_dim 256, the measured H200 options above. Other
+    cards (smaller shared memory; not measured here): defaults up to 128, small tiles above.
+    """
+    if tuple(capability) in _LARGE_SMEM_CAPABILITIES:
+        return {256: {}, 512: dict(_HEAD_DIM_512_OPTIONS_SM90)}
+    return {128: {}, 512: dict(_SMALL_SMEM_OPTIONS)}
+
+
+def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
+                   capability: tuple[int, int] | None = None) -> KernelChoice:
+    """The fast pieces for ``train.kernels=mode`` on a device.
+
+    Args:
+        mode: ``auto`` or ``eager``.
+        device_type: ``cpu`` or ``cuda``.
+        compute_dtype: the model's dtype name (``bfloat16``, ``float16``, ``float32``).
+        capability: CUDA ``(major, minor)``; required for ``cuda`` (tests pass fake ones).
+
+    Returns:
+        A :class:`KernelChoice`.
+
+    Raises:
+        ValueError: unknown mode, or a CUDA device without a capability.
+    """
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"train.kernels: {mode!r} is not one of {', '.join(KERNEL_MODES)}")
+    if mode == "eager":
+        return KernelChoice(mode=mode, device_type=device_type, capability=capability)
+    low_precision = compute_dtype != "float32"
+    if device_type != "cuda":
+        return KernelChoice(mode=mode, device_type=device_type, lora_compute_dtype=low_precision,
+                            fused_linear_ce=True)
+    if capability is None:
+        raise ValueError("select_kernels: a CUDA device needs its compute capability")
+    capability = (int(capability[0]), int(capability[1]))
+    # FlexAttention's Triton kernels need sm80+ (bf16 MMA); older cards keep the stock attention.
+    flex = capability >= (8, 0)
+    return KernelChoice(
+        mode=mode, device_type=device_type, capability=capability, lora_compute_dtype=low_precision,
+        fused_linear_ce=True, compile_loss=True, flex_attention=flex,
+        grouped_mm=capability in _LARGE_SMEM_CAPABILITIES, flex_options=flex_options_for(capability) if flex else {},
+    )
+
+
+def select_for_device(mode: str, device: Any, dtype: Any) -> KernelChoice:
+    """:func:`select_kernels` for a real torch device and dtype (queries the CUDA capability)."""
+    import torch
+
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return select_kernels(mode, device.type, str(dtype).removeprefix("torch."), capability)

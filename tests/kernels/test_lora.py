@@ -1,0 +1,96 @@
+"""LoRA in the compute dtype: same numbers as PEFT in fp32, bf16 products with fp32 master weights."""
+
+from __future__ import annotations
+
+import torch
+
+from streamtune.config import LoraConfig
+from streamtune.kernels import apply_kernels, calls, reset, select_kernels
+from streamtune.kernels.lora import restore_stock_lora, use_compute_dtype_lora
+from streamtune.lora import attach_lora
+from streamtune.models.build import build_model
+from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+
+
+def _lora_model(name, dtype, seed=1):
+    model, adapter = build_model(name, dtype, seed=seed)
+    model = attach_lora(model, adapter, LoraConfig(rank=4, alpha=8), seed=0)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model, adapter
+
+
+def _batch(vocab, seq=24):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, seq), generator=gen)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _loss_and_grads(model, adapter, batch, kernels=None):
+    model.zero_grad(set_to_none=True)
+    loss = lm_loss_sum(model, adapter, batch, 7, kernels) / count_valid_tokens(batch["labels"])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fp32_fast_lora_equals_peft():
+    for name in ("tiny-gemma4", "tiny-llama"):
+        model, adapter = _lora_model(name, torch.float32)
+        batch = _batch(model.config.vocab_size)
+        ref_loss, ref_grads = _loss_and_grads(model, adapter, batch)
+        reset()
+        assert use_compute_dtype_lora(model) > 0
+        loss, grads = _loss_and_grads(model, adapter, batch)
+        assert calls("lora_compute_dtype") > 0
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for key, ref in ref_grads.items():
+            torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-6)
+        restore_stock_lora(model)
+        reset()
+        _loss_and_grads(model, adapter, batch)
+        assert calls("lora_compute_dtype") == 0
+
+
+def test_bf16_layer_keeps_fp32_master_weights_and_computes_in_bf16():
+    model, _ = _lora_model("tiny-llama", torch.bfloat16)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    ref = layer(x)
+    (ref_grad_a,) = torch.autograd.grad(ref.float().square().sum(), layer.lora_A["default"].weight)
+    use_compute_dtype_lora(model)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
+    (grad_a,) = torch.autograd.grad(got.float().square().sum(), layer.lora_A["default"].weight)
+    assert grad_a.dtype == torch.float32
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    cosine = torch.nn.functional.cosine_similarity(grad_a.flatten(), ref_grad_a.flatten(), dim=0)
+    assert cosine > 0.99
+
+
+def test_apply_kernels_patches_bf16_lora_only_when_selected():
+    model, adapter = _lora_model("tiny-qwen3-moe", torch.bfloat16)
+    applied = apply_kernels(model, select_kernels("eager", "cpu", "bfloat16"))
+    assert applied == {"lora_layers": 0, "attention": None}
+    applied = apply_kernels(model, select_kernels("auto", "cpu", "bfloat16"))
+    assert applied["lora_layers"] == 4 * model.config.num_hidden_layers
+    reset()
+    _loss_and_grads(model, adapter, _batch(model.config.vocab_size), select_kernels("auto", "cpu", "bfloat16"))
+    assert calls("lora_compute_dtype") == 4 * model.config.num_hidden_layers
+    assert calls("fused_linear_ce") == 1
+
+
+def test_mixtral_fp32_auto_matches_eager():
+    model, adapter = _lora_model("tiny-mixtral", torch.float32)
+    batch = _batch(model.config.vocab_size)
+    ref_loss, ref_grads = _loss_and_grads(model, adapter, batch)
+    choice = select_kernels("auto", "cpu", "float32")
+    apply_kernels(model, choice)
+    loss, grads = _loss_and_grads(model, adapter, batch, choice)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    for key, ref in ref_grads.items():
+        torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-6)
