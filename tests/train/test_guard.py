@@ -37,8 +37,8 @@ def _at_micro_batch(monkeypatch, step_micro, action):
     calls = {"n": 0}
     real = recipe_module.lm_loss_sum
 
-    def patched(model, arch, batch, chunk_tokens):
-        part = real(model, arch, batch, chunk_tokens)
+    def patched(model, arch, batch, chunk_tokens, *kernels):
+        part = real(model, arch, batch, chunk_tokens, *kernels)
         calls["n"] += 1
         step, index = step_micro
         if calls["n"] == (step - 1) * SECTIONS["train"]["grad_accum"] + index:

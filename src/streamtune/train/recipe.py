@@ -29,6 +29,9 @@ from streamtune.train.guard import StepStart, StopSignals, non_finite_error, sto
 from streamtune.train.loss import count_valid_tokens, lm_loss_sum
 from streamtune.train.metrics import MetricsLogger, check_tensorboard, truncate_metrics
 from streamtune.train.rundir import check_run_dir, init_run_dir
+from streamtune.train.support import (
+    check_cache_dir, check_vocab, due, gpu_peak, note, num_tokens, plain, report_loading, reset_peak, sync, to_device,
+)
 
 BASE_DIR = "base"
 ADAPTER_DIR = "adapter"
@@ -159,7 +162,7 @@ class Recipe:
 
         config = resolve_config(self.cfg.model.name, self.cfg.model.trust_remote_code)
         check_lora_targets_of_config(config, self.cfg.lora)
-        _check_cache_dir(self.cfg)
+        check_cache_dir(self.cfg)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.train_loader, self.eval_loader, self.data_stats = build_data(
             self.cfg.data, self.tokenizer, self.cfg.train.batch_size, self.cfg.train.seed)
@@ -203,7 +206,7 @@ class Recipe:
 
             self.checkpoint = open_checkpoint(m.name, self.dtype, m.trust_remote_code, progress=self.cfg.output.progress)
             self.model, self.arch = self.checkpoint.model, self.checkpoint.adapter
-        _check_vocab(self.model, self.tokenizer)
+        check_vocab(self.model, self.tokenizer)
 
     def _save_base(self) -> None:
         from streamtune.models import is_preset
@@ -246,7 +249,7 @@ class Recipe:
                 self.load_stats = self.checkpoint.finish()
         self.dist.release_shared_host(host_store)
         self.shared_host = host_store.stats() if host_store is not None else None
-        _report_loading(self.load_stats, self.pack_cache)
+        report_loading(self.load_stats, self.pack_cache)
         if self.dist.is_main:
             self._record_placement()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -308,7 +311,7 @@ class Recipe:
             )
         from streamtune.train.schedule import rebase_on_resume
 
-        _note(rebase_on_resume(self.scheduler, self.optimizer, self.cfg.train, self.start_step))
+        note(rebase_on_resume(self.scheduler, self.optimizer, self.cfg.train, self.start_step))
 
     def loop(self) -> TrainResult:
         """Train from ``start_step`` to ``train.max_steps``; checkpoint, evaluate, save the adapter.
@@ -328,12 +331,12 @@ class Recipe:
             record = self._train_step(step, batches, start)
             if record is None:
                 self._stop(step, start)
-            if self.eval_loader is not None and _due(step, t.eval_every, t.max_steps, at_end=True):
+            if self.eval_loader is not None and due(step, t.eval_every, t.max_steps, at_end=True):
                 record["eval_loss"] = self.evaluate()
                 result.eval_losses.append(record["eval_loss"])
             result.losses.append(record["loss"])
             self.logger.log(record)
-            if _due(step, t.save_every, t.max_steps, at_end=True):
+            if due(step, t.save_every, t.max_steps, at_end=True):
                 self.save_checkpoint(step)
             self.on_step_end(step)
             if step < t.max_steps and self._stop_requested():
@@ -367,11 +370,11 @@ class Recipe:
 
         t = self.cfg.train
         self.model.train()
-        _reset_peak(self.device)
+        reset_peak(self.device)
         started = time.perf_counter()
         micro = self.dist.step_batches(batches, t.grad_accum)
         loss_tokens, tokens = (int(n) for n in self.dist.sum_numbers(
-            [sum(count_valid_tokens(b["labels"]) for b in micro), sum(_num_tokens(b) for b in micro)], "cpu",
+            [sum(count_valid_tokens(b["labels"]) for b in micro), sum(num_tokens(b) for b in micro)], "cpu",
             "token count all-reduce"))
         lr = self.optimizer.param_groups[0]["lr"]
         parts = self._accumulate(step, micro, loss_tokens)
@@ -389,12 +392,12 @@ class Recipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        _sync(self.device)
+        sync(self.device)
         step_s = time.perf_counter() - started
         return {
             "step": step, "loss": loss, "lr": lr, "tokens": tokens, "loss_tokens": loss_tokens,
             "step_s": step_s, "tok_s": tokens / step_s if step_s > 0 else 0.0, "grad_norm": grad_norm,
-            "gpu_peak_bytes": _gpu_peak(self.device), "host_rss_bytes": rss_bytes(),
+            "gpu_peak_bytes": gpu_peak(self.device), "host_rss_bytes": rss_bytes(),
             "host_peak_rss_bytes": peak_rss_bytes(),
             **self.placement.step_metrics(),
         }
@@ -410,7 +413,7 @@ class Recipe:
                 # a single process may abandon the step; ranks finish it together (their collectives must match)
                 if not self.dist.active and self.signals is not None and self.signals.received is not None:
                     return None
-                batch = _to_device(batch, self.device)
+                batch = to_device(batch, self.device)
                 part = lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens, self.kernels)
                 (part / max(1, loss_tokens)).backward()
                 parts.append(part.detach())
@@ -445,7 +448,7 @@ class Recipe:
         loss_sum, loss_tokens = 0.0, 0
         with torch.no_grad():
             for batch in self.dist.shard(itertools.islice(self.eval_loader, self.cfg.train.eval_batches)):
-                batch = _to_device(batch, self.device)
+                batch = to_device(batch, self.device)
                 loss_sum += float(lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens,
                                              self.kernels))
                 loss_tokens += count_valid_tokens(batch["labels"])
@@ -472,7 +475,7 @@ class Recipe:
         state = ckpt.TrainState(
             step=step, trainable=trainable_state(self.model), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), loader=start.loader, rng=start.rng,
-            extra={"data_stats": _plain(self.data_stats), **self.dist.checkpoint_extra(self.cfg.train)},
+            extra={"data_stats": plain(self.data_stats), **self.dist.checkpoint_extra(self.cfg.train)},
         )
         return ckpt.save_checkpoint(self.run_dir, state)
 
@@ -496,92 +499,3 @@ class Recipe:
             self.placement = None
         if self.dist is not None:
             self.dist.close()
-
-
-def _due(step: int, every: int, max_steps: int, at_end: bool) -> bool:
-    return (every > 0 and step % every == 0) or (at_end and step == max_steps)
-
-
-def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
-
-
-def _num_tokens(batch: dict[str, Any]) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
-def _check_cache_dir(cfg: Any) -> None:
-    from streamtune.loading.cache import check_cache_root
-    from streamtune.models import is_preset
-
-    if not cfg.memory.cache_dir:
-        return
-    if is_preset(cfg.model.name):
-        raise InputError(f"memory.cache_dir caches layers read from a checkpoint directory, but model.name is the "
-                         f"preset {cfg.model.name!r} (built in memory, nothing to cache): remove memory.cache_dir")
-    check_cache_root(cfg.memory.cache_dir)
-
-
-def _report_loading(load_stats: dict[str, float] | None, pack_cache: Any) -> None:
-    """One stderr line: shard bytes read and their GB/s, pack-cache hits and their GB/s."""
-    import sys
-
-    if not load_stats:
-        return
-    line = f"weights: {load_stats['bytes_read'] / 1e9:.2f} GB read from the shards"
-    if load_stats["read_s"] > 0:
-        line += f" at {load_stats['gbps']:.2f} GB/s"
-    if pack_cache is not None:
-        stats = pack_cache.stats()
-        line += (f"; pack cache {pack_cache.directory}: {stats['hits']} layer(s) read "
-                 f"({stats['bytes_read'] / 1e9:.2f} GB at {stats['read_gbps']:.2f} GB/s), {stats['misses']} encoded and stored")
-    print(line, file=sys.stderr)
-
-
-def _note(text: str | None) -> None:
-    import sys
-
-    if text:
-        print(f"note: {text}", file=sys.stderr)
-
-
-def _check_vocab(model: Any, tokenizer: Any) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise InputError(
-            f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}; "
-            "use the model's own tokenizer"
-        )
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    if hasattr(value, "__dict__"):
-        return _plain(vars(value))
-    return str(value)
-
-
-def _reset_peak(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _gpu_peak(device: Any) -> int:
-    import torch
-
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
