@@ -20,6 +20,10 @@ SUBCOMMANDS = {
     "bench": "measure this machine (link) or time a streamed step against baselines",
     "doctor": "check the installed stock HF stack against the known Gemma4 bugs",
     "merge": "merge a LoRA adapter into its base model and save a HF checkpoint",
+    "generate": "generate a reply to a prompt with a model, adapter or run checkpoint (streamed as in training)",
+    "chat": "chat with a model, adapter or run checkpoint (one stdin line per turn)",
+    "eval": "loss and perplexity of a model, adapter or run on a data file",
+    "report": "write the HTML report (plots of loss, tokens/s, GPU peak, H2D GB/s) of one or more runs",
 }
 
 

@@ -22,8 +22,9 @@ from typing import Any
 from streamtune.errors import InputError, StreamtuneError
 from streamtune.hostmem import rss_bytes
 from streamtune.train import checkpoint as ckpt
+from streamtune.train import outputs
 from streamtune.train.loss import count_valid_tokens, lm_loss_sum
-from streamtune.train.metrics import MetricsLogger, check_tensorboard, truncate_metrics
+from streamtune.train.metrics import MetricsLogger, check_loggers, truncate_metrics
 from streamtune.train.rundir import check_run_dir, init_run_dir
 
 BASE_DIR = "base"
@@ -98,8 +99,7 @@ class Recipe:
     def setup(self) -> None:
         """Check inputs, build data, model, LoRA, placement, optimizer; restore a checkpoint."""
         cfg = self.cfg
-        if cfg.output.tensorboard:
-            check_tensorboard()
+        check_loggers(cfg.output)
         self.run_dir = check_run_dir(cfg, self.resume)
         checkpoint_path = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
         self.device = resolve_device(cfg.train.device)
@@ -118,7 +118,8 @@ class Recipe:
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
         self.logger = MetricsLogger(self.run_dir, cfg.train.max_steps, self.start_step,
-                                    cfg.output.tensorboard, cfg.output.progress)
+                                    cfg.output.tensorboard, cfg.output.progress, wandb_project=cfg.output.wandb,
+                                    run_config=cfg.to_dict())
 
     def _build_data(self) -> None:
         from streamtune.data import build_data, load_tokenizer
@@ -341,13 +342,18 @@ class Recipe:
             scheduler=self.scheduler.state_dict(), loader=loader_state, rng=ckpt.capture_rng(),
             extra={"data_stats": _plain(self.data_stats)},
         )
-        return ckpt.save_checkpoint(self.run_dir, state)
+        path = ckpt.save_checkpoint(self.run_dir, state, outputs.checkpoint_writer(
+            self.model, self.run_dir, self.cfg, self.base_info, step))
+        outputs.after_checkpoint(self.run_dir, step, self.cfg)
+        return path
 
     def save_adapter(self) -> Path:
         """Write the final adapter to ``RUN/adapter`` (PEFT format, tokenizer, streamtune.json)."""
         from streamtune.lora import save_adapter
 
-        return save_adapter(self.model, self.run_dir / ADAPTER_DIR, self.tokenizer, self.base_info)
+        adapter_dir = save_adapter(self.model, self.run_dir / ADAPTER_DIR, self.tokenizer, self.base_info)
+        outputs.write_card(adapter_dir, self.run_dir, self.cfg, self.base_info)
+        return adapter_dir
 
     def teardown(self) -> None:
         """Close the metrics writers and release the placement."""

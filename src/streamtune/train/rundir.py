@@ -21,10 +21,10 @@ import yaml
 from streamtune.errors import InputError
 
 CONFIG_FILE = "config.yaml"
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "adapter", "base", "checkpoints", "tensorboard")
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "adapter", "base", "checkpoints", "tensorboard", "report.html")
 # Keys a resumed run may change without breaking exact continuation of the trained state.
 RESUMABLE_CHANGES = ("output.", "memory.", "train.max_steps", "train.save_every", "train.eval_every",
-                     "train.eval_batches", "train.device")
+                     "train.eval_batches", "train.device", "train.keep_checkpoints")
 
 
 def check_run_dir(cfg: Any, resume: bool) -> Path:
@@ -87,5 +87,5 @@ def _check_resume_config(cfg: Any, saved_path: Path) -> None:
         details = ", ".join(f"{key} ({saved.get(key)!r} -> {current.get(key)!r})" for key in changed)
         raise InputError(
             f"--resume: the config differs from the run's {CONFIG_FILE} in {details}; resume with the "
-            "same config (only output.*, memory.*, train.max_steps/save_every/eval_every/eval_batches/device may change)"
+            "same config (only output.*, memory.*, train.max_steps/save_every/eval_every/eval_batches/device/keep_checkpoints may change)"
         )
