@@ -76,3 +76,18 @@ def test_bad_sampling_options_are_input_errors():
         SamplingOptions(top_p=0.0).check()
     with pytest.raises(InputError, match="--temperature"):
         SamplingOptions(temperature=-1).check()
+
+
+def test_bare_base_is_packed_and_streamed():
+    prompt = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    logits = {}
+    for stream in ("none", "all"):
+        with _open("tiny-gemma4", stream) as loaded:
+            assert loaded.placement.engine.host_bytes > 0
+            assert not any(p.requires_grad for p in loaded.model.parameters())
+            with torch.no_grad():
+                logits[stream] = loaded.model(input_ids=prompt).logits
+            text = generate(loaded, "Hello there", GREEDY)
+            logits[stream + "-text"] = text
+    torch.testing.assert_close(logits["none"], logits["all"], rtol=1e-5, atol=1e-5)
+    assert logits["none-text"] == logits["all-text"]

@@ -111,6 +111,8 @@ def open_model(spec: str, options: InferenceOptions | None = None) -> InferenceM
     tokenizer = _tokenizer(source, cfg)
     plan = _plan(cfg, device)
     model, arch, checkpoint = _build_base(cfg, dtype)
+    # the engine packs (and streams) frozen weights only; PEFT freezes the base, a bare base is frozen here
+    model.requires_grad_(False)
     if source.adapter_dir is not None:
         model = _attach_adapter(model, source.adapter_dir)
     placement = _place(model, arch, cfg, device, plan, checkpoint)
