@@ -33,7 +33,7 @@ def model_card(run_dir: Path, cfg: Any, base_info: dict[str, Any], step: int | N
     lora, data, train = cfg.lora, cfg.data, cfg.train
     targets = lora.targets if isinstance(lora.targets, str) else ", ".join(lora.targets)
     base = base_info.get("model_name", cfg.model.name)
-    kind = f"preset with random weights (seed {base_info.get('seed', 0)})" if base_info.get("preset") else "checkpoint"
+    kind = f"preset, random weights of seed {base_info.get('seed', 0)}" if base_info.get("preset") else "checkpoint"
     lines = [
         "---", f"base_model: {base}", "library_name: peft", "tags:", "- lora", "- streamtune", "---", "",
         f"# LoRA adapter for {Path(str(base)).name}", "",
