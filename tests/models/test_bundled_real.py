@@ -60,7 +60,7 @@ def test_real_model_learns_and_generates(checkpoint, tmp_path):
         "data": {"path": str(DATA / "pirate_train.jsonl"), "eval_path": str(DATA / "pirate_eval.jsonl"),
                  "format": "alpaca", "seq_len": 128},
         "lora": {"rank": 8, "alpha": 16},
-        "train": {"max_steps": 8, "lr": 1e-3, "warmup_steps": 1, "batch_size": 2, "device": "cpu",
+        "train": {"max_steps": 16, "lr": 1e-3, "warmup_steps": 1, "batch_size": 2, "device": "cpu",
                   "eval_batches": 3, "loss_chunk_tokens": 256},
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     }
@@ -68,7 +68,7 @@ def test_real_model_learns_and_generates(checkpoint, tmp_path):
     result = train(from_dict(raw))
     print(f"\nsmollm2 fine-tune: {result.losses[0]:.3f} -> {result.losses[-1]:.3f} train, eval {base_loss:.3f} -> "
           f"{result.eval_losses[-1]:.3f}, {time.perf_counter() - started:.0f} s for {len(result.losses)} steps")
-    assert result.eval_losses[-1] < 0.5 * base_loss
+    assert result.eval_losses[-1] < 0.25 * base_loss  # measured 3.81 -> 0.11 in 16 steps
     losses = {}
     for stream in ("none", "all"):
         with open_model(str(tmp_path / "run"), _options(stream)) as tuned:
@@ -76,7 +76,7 @@ def test_real_model_learns_and_generates(checkpoint, tmp_path):
             if stream == "none":
                 after = generate(tuned, QUESTION, greedy)
     print(f"before: {before!r}\nafter:  {after!r}")
-    assert after != before and "matey" in after.lower()  # the new style shows in the answer
+    assert after != before and "matey" in after.lower() and "Berlin" in after  # new style, still right
     assert math.isclose(losses["none"], losses["all"], rel_tol=1e-5), losses
     assert math.isclose(losses["none"], result.eval_losses[-1], rel_tol=1e-4)
 
