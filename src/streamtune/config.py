@@ -128,6 +128,7 @@ class TrainConfig:
     eval_every: int = _f(0, "Evaluate every N steps (0: only at the end when there is eval data).")
     eval_batches: int = _f(8, "Batches per evaluation.")
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _f(0, "Checkpoints kept: the newest N plus the best eval one (0: keep all).")
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
     kernels: str = _f("auto", "auto: fast kernels where the device supports them (bf16 LoRA products, fused "
@@ -139,7 +140,8 @@ class OutputConfig:
     dir: str = _f("runs/run", "Run directory: config.yaml, metrics.jsonl, adapter/, checkpoints/.")
     tensorboard: bool = _f(False, "Also write TensorBoard logs under DIR/tensorboard.")
     overwrite: bool = _f(False, "Allow a new run in a directory that already holds one.")
-    progress: bool = _f(True, "Show a progress bar.")
+    progress: bool = _f(True, "Show a progress bar (one line per N steps when stderr is not a terminal).")
+    wandb: str | None = _f(None, "Weights & Biases project to log to (needs the wandb package); default: off.")
 
 
 @dataclass
@@ -345,7 +347,7 @@ def validate(cfg: RunConfig) -> list[str]:
     _check_min(p, "memory.prefetch", cfg.memory.prefetch, 0)
     t = cfg.train
     for key, minimum in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("loss_chunk_tokens", 1),
-                         ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("eval_batches", 1),
+                         ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("keep_checkpoints", 0), ("eval_batches", 1),
                          ("lr", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0)):
         _check_min(p, f"train.{key}", getattr(t, key), minimum)
     if not 0.0 <= t.min_lr_ratio <= 1.0:

@@ -43,7 +43,9 @@ def test_run_succeeds_and_writes_layout(trained):
     for name in ("config.yaml", "metrics.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "adapter/tokenizer.json", "adapter/streamtune.json", "base/config.json"):
         assert (run / name).exists(), name
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")) == [
+        "step-2", "step-4", "step-6"]
+    assert (run / "report.html").is_file() and (run / "adapter" / "README.md").read_text().startswith("---")
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == STEPS and saved["model"]["name"] == "tiny-gemma4"

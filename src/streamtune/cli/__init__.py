@@ -21,6 +21,10 @@ SUBCOMMANDS = {
     "bench": "measure this machine's host-to-GPU copy speed (--link), or time a streamed step against baselines",
     "doctor": "check the installed torch/transformers/peft/accelerate/bitsandbytes against known Gemma4 bugs",
     "merge": "merge a trained LoRA adapter into its base model and save a plain HF checkpoint",
+    "generate": "generate a reply to a prompt with a model, adapter or run checkpoint (streamed as in training)",
+    "chat": "chat with a model, adapter or run checkpoint (one stdin line per turn)",
+    "eval": "loss and perplexity of a model, adapter or run on a data file",
+    "report": "write the HTML report (plots of loss, tokens/s, GPU peak, H2D GB/s) of one or more runs",
 }
 
 

@@ -110,15 +110,9 @@ def save_adapter(model: Any, out_dir: str | Path, tokenizer: Any = None, base_in
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    base_path = _base_path(base_info or {}, out_dir)
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = base_path
-    # Embeddings are never adapted; False also stops PEFT from probing the Hub for the base config.
-    model.save_pretrained(str(tmp_dir), save_embedding_layers=False)
+    write_adapter_files(model, tmp_dir, base_info, base_root=out_dir.parent)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp_dir))
-    if base_info is not None:
-        (tmp_dir / BASE_INFO_FILE).write_text(json.dumps(base_info, indent=2) + "\n")
     old_dir = out_dir.with_name(f".old-{out_dir.name}")
     if out_dir.exists():
         shutil.rmtree(old_dir, ignore_errors=True)
@@ -126,6 +120,31 @@ def save_adapter(model: Any, out_dir: str | Path, tokenizer: Any = None, base_in
     os.replace(tmp_dir, out_dir)
     shutil.rmtree(old_dir, ignore_errors=True)
     return out_dir
+
+
+def write_adapter_files(model: Any, out_dir: str | Path, base_info: dict[str, Any] | None, base_root: Path) -> None:
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``streamtune.json`` into ``out_dir``.
+
+    Args:
+        model: the PEFT model.
+        out_dir: the directory to write into (created; the caller renames it into place).
+        base_info: how to rebuild the base model (``streamtune.json``); its ``base_dir`` is relative to
+            ``base_root`` (the run directory) and is rewritten relative to ``out_dir``'s parent, where
+            :func:`build_base_for_adapter` looks.
+        base_root: the directory ``base_info["base_dir"]`` is relative to.
+    """
+    out_dir = Path(out_dir)
+    info = dict(base_info) if base_info is not None else None
+    if info is not None and info.get("base_dir"):
+        final_parent = out_dir.parent.resolve()
+        info["base_dir"] = os.path.relpath((Path(base_root) / info["base_dir"]).resolve(), final_parent)
+    base_path = _base_path(info or {}, out_dir)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_path
+    # Embeddings are never adapted; False also stops PEFT from probing the Hub for the base config.
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    if info is not None:
+        (out_dir / BASE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _base_path(base_info: dict[str, Any], adapter_dir: Path) -> str | None:

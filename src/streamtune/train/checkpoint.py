@@ -2,7 +2,9 @@
 
 ``RUN/checkpoints/step-N/`` holds ``lora.safetensors`` (every trainable tensor, by full name) and
 ``state.pt`` (optimizer, scheduler, RNG states of torch CPU/CUDA and Python, the data loader
-position, the step and the last metrics). It is written as ``checkpoints/.tmp-step-N`` and renamed
+position, the step and the last metrics), and a stock PEFT adapter (``adapter_config.json``,
+``adapter_model.safetensors``, ``streamtune.json``), so ``merge``, ``generate`` and
+``PeftModel.from_pretrained`` take any checkpoint. It is written as ``checkpoints/.tmp-step-N`` and renamed
 with ``os.replace``, so a directory named ``step-N`` is always complete.
 """
 
@@ -14,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from streamtune.errors import InputError
 
@@ -55,8 +57,12 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, state: TrainState) -> Path:
-    """Write ``state`` to ``RUN/checkpoints/step-N`` atomically and return that path."""
+def save_checkpoint(run_dir: str | Path, state: TrainState, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``state`` to ``RUN/checkpoints/step-N`` atomically and return that path.
+
+    ``write_extra(tmp_dir)``, when given, adds files (the PEFT adapter) before the rename, so they
+    are part of the complete checkpoint too.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -71,6 +77,8 @@ def save_checkpoint(run_dir: str | Path, state: TrainState) -> Path:
         "step": state.step, "optimizer": state.optimizer, "scheduler": state.scheduler,
         "loader": state.loader, "rng": state.rng, "extra": state.extra,
     }, tmp / "state.pt")
+    if write_extra is not None:
+        write_extra(tmp)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)

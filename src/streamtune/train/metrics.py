@@ -1,4 +1,4 @@
-"""Per-step metrics: ``RUN/metrics.jsonl``, optional TensorBoard, and a progress bar.
+"""Per-step metrics: ``RUN/metrics.jsonl``, optional TensorBoard and Weights & Biases, and progress.
 
 Each line of ``metrics.jsonl`` is one optimizer step: ``step`` (1-based), ``loss`` (mean over the
 step's loss tokens), ``lr``, ``tokens`` (input tokens of the step), ``loss_tokens``, ``step_s``,
@@ -34,6 +34,39 @@ def check_tensorboard() -> None:
         ) from exc
 
 
+def check_wandb(project: str | None) -> None:
+    """Fail early when Weights & Biases logging is asked for but wandb is not installed.
+
+    Raises:
+        InputError: wandb is missing.
+    """
+    if not project:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError as exc:
+        raise InputError(
+            f"output.wandb: {project!r} needs the wandb package; pip install wandb (then wandb login) "
+            "or remove output.wandb"
+        ) from exc
+
+
+def check_loggers(output: Any) -> None:
+    """Check every logger ``output`` (OutputConfig) asks for, before any heavy work.
+
+    Raises:
+        InputError: tensorboard or wandb asked for but not installed.
+    """
+    if output.tensorboard:
+        check_tensorboard()
+    check_wandb(getattr(output, "wandb", None))
+
+
+def progress_every(max_steps: int) -> int:
+    """Steps between progress lines when stderr is not a terminal: about 20 lines per run."""
+    return max(1, max_steps // 20)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``RUN/metrics.jsonl`` (empty when absent)."""
     path = Path(run_dir) / METRICS_FILE
@@ -50,22 +83,32 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
 
 
 class MetricsLogger:
-    """Writes step records to jsonl (flushed per line), TensorBoard and a tqdm bar."""
+    """Writes step records to jsonl (flushed per line), TensorBoard, Weights & Biases and the progress.
 
-    def __init__(self, run_dir: str | Path, max_steps: int, start_step: int, tensorboard: bool, progress: bool):
+    Progress is a tqdm bar on a terminal; when stderr is not a terminal (a log file, CI) it is one
+    line every :func:`progress_every` steps and at the last step.
+    """
+
+    def __init__(self, run_dir: str | Path, max_steps: int, start_step: int, tensorboard: bool, progress: bool,
+                 wandb_project: str | None = None, run_config: dict[str, Any] | None = None):
         self.path = Path(run_dir) / METRICS_FILE
+        self.max_steps = max_steps
         self._file = open(self.path, "a", encoding="utf-8")
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
+        self._wandb = _start_wandb(wandb_project, run_dir, run_config)
         self._bar = None
-        if progress:
+        self._line_every = 0
+        if progress and _is_terminal(sys.stderr):
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=max_steps, initial=start_step, unit="step", file=sys.stderr,
                              dynamic_ncols=True, desc="train")
+        elif progress:
+            self._line_every = progress_every(max_steps)
 
     def log(self, record: dict[str, Any]) -> None:
         """Record one optimizer step."""
@@ -75,9 +118,14 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                            step=record["step"])
         if self._bar is not None:
             self._bar.set_postfix_str(_postfix(record), refresh=False)
             self._bar.update(1)
+        elif self._line_every and (record["step"] % self._line_every == 0 or record["step"] == self.max_steps):
+            print(f"step {record['step']}/{self.max_steps} {_postfix(record)}", file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -91,7 +139,28 @@ class MetricsLogger:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         self._file.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _start_wandb(project: str | None, run_dir: str | Path, run_config: dict[str, Any] | None) -> Any:
+    """A wandb run logging to ``project`` (id derived from the run directory, so --resume continues it)."""
+    if not project:
+        return None
+    import hashlib
+
+    import wandb
+
+    run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project=project, name=Path(run_dir).resolve().name, id=run_id, config=run_config or {},
+                      dir=str(run_dir), resume="allow")
 
 
 def _postfix(record: dict[str, Any]) -> str:

@@ -25,9 +25,10 @@ from typing import Any
 from streamtune.errors import InputError, StreamtuneError
 from streamtune.hostmem import peak_rss_bytes, rss_bytes
 from streamtune.train import checkpoint as ckpt
+from streamtune.train import outputs
 from streamtune.train.guard import StepStart, StopSignals, non_finite_error, stopped_error
 from streamtune.train.loss import count_valid_tokens, lm_loss_sum
-from streamtune.train.metrics import MetricsLogger, check_tensorboard, truncate_metrics
+from streamtune.train.metrics import MetricsLogger, check_loggers, truncate_metrics
 from streamtune.train.rundir import check_run_dir, init_run_dir
 from streamtune.train.support import (
     check_cache_dir, check_vocab, due, gpu_peak, note, num_tokens, plain, report_loading, reset_peak, sync, to_device,
@@ -119,8 +120,7 @@ class Recipe:
     def setup(self) -> None:
         """Check inputs, build data, model, LoRA, placement, optimizer; restore a checkpoint."""
         cfg = self.cfg
-        if cfg.output.tensorboard:
-            check_tensorboard()
+        check_loggers(cfg.output)
         self.run_dir = check_run_dir(cfg, self.resume)
         checkpoint_path = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
         self.device = self._init_distributed()
@@ -144,8 +144,9 @@ class Recipe:
             from streamtune.train.summary import print_summary
 
             print_summary(cfg, self.data_stats, self.model, self.placement, self.plan, self.start_step)
-        self.logger = self.dist.logger(lambda: MetricsLogger(self.run_dir, cfg.train.max_steps, self.start_step,
-                                                             cfg.output.tensorboard, cfg.output.progress))
+        self.logger = self.dist.logger(lambda: MetricsLogger(
+            self.run_dir, cfg.train.max_steps, self.start_step, cfg.output.tensorboard, cfg.output.progress,
+            wandb_project=cfg.output.wandb, run_config=cfg.to_dict()))
 
     def _init_distributed(self) -> Any:
         """Join the torchrun job when launched by one (see ``streamtune.distributed``); the compute device."""
@@ -477,14 +478,21 @@ class Recipe:
             scheduler=self.scheduler.state_dict(), loader=start.loader, rng=start.rng,
             extra={"data_stats": plain(self.data_stats), **self.dist.checkpoint_extra(self.cfg.train)},
         )
-        return ckpt.save_checkpoint(self.run_dir, state)
+        path = ckpt.save_checkpoint(self.run_dir, state, outputs.checkpoint_writer(
+            self.model, self.run_dir, self.cfg, self.base_info, step))
+        outputs.after_checkpoint(self.run_dir, step, self.cfg)
+        return path
 
     def save_adapter(self) -> Path:
-        """Write the final adapter to ``RUN/adapter`` (PEFT format, tokenizer, streamtune.json)."""
+        """Write the final adapter to ``RUN/adapter`` (PEFT format, tokenizer, streamtune.json, model card)."""
+        return self.dist.main_writes(self._write_adapter, what="adapter")
+
+    def _write_adapter(self) -> Path:
         from streamtune.lora import save_adapter
 
-        return self.dist.main_writes(save_adapter, self.model, self.run_dir / ADAPTER_DIR, self.tokenizer,
-                                     self.base_info, what="adapter")
+        adapter_dir = save_adapter(self.model, self.run_dir / ADAPTER_DIR, self.tokenizer, self.base_info)
+        outputs.write_card(adapter_dir, self.run_dir, self.cfg, self.base_info)
+        return adapter_dir
 
     def teardown(self) -> None:
         """Put the previous signal handlers back, close the metrics writers and release the placement."""

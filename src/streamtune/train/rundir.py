@@ -21,11 +21,11 @@ import yaml
 from streamtune.errors import InputError
 
 CONFIG_FILE = "config.yaml"
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "adapter", "base", "checkpoints", "tensorboard")
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "adapter", "base", "checkpoints", "tensorboard", "report.html")
 # Keys a resumed run may change without breaking exact continuation of the trained state.
 # train.grad_accum may change with the number of ranks; the recipe checks the global batch stays the same.
 RESUMABLE_CHANGES = ("output.", "memory.", "train.max_steps", "train.save_every", "train.eval_every",
-                     "train.eval_batches", "train.device", "train.grad_accum")
+                     "train.eval_batches", "train.device", "train.grad_accum", "train.keep_checkpoints")
 
 
 def check_run_dir(cfg: Any, resume: bool) -> Path:
@@ -101,6 +101,6 @@ def _check_resume_config(cfg: Any, saved_path: Path) -> None:
         details = ", ".join(f"{key} ({saved.get(key)!r} -> {current.get(key)!r})" for key in changed)
         raise InputError(
             f"--resume: the config differs from the run's {CONFIG_FILE} in {details}; resume with the "
-            "same config (only output.*, memory.*, train.max_steps/save_every/eval_every/eval_batches/device, and train.grad_accum "
-            "keeping the global batch, may change)"
+            "same config (only output.*, memory.*, train.max_steps/save_every/eval_every/eval_batches/device/"
+            "keep_checkpoints, and train.grad_accum keeping the global batch, may change)"
         )

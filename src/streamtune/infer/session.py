@@ -1,0 +1,220 @@
+"""A model opened for inference on the streaming engine, placed as training placed it.
+
+The frozen base weights go through :func:`streamtune.offload.place` with the run's codec and
+plan (``memory.*`` of the run's ``config.yaml``, overridable), so a model bigger than the GPU can be
+tried on the card it was trained on; the LoRA weights, embeddings, norms, LM head and the KV cache
+live on the compute device. On a CPU the same code runs with the CPU device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streamtune.errors import InputError
+from streamtune.infer.source import ModelSource, resolve_source
+
+
+@dataclass
+class InferenceOptions:
+    """How to open a model; None keeps the run's setting (or the default when there is no run)."""
+
+    device: str = "auto"
+    dtype: str | None = None
+    codec: str | None = None
+    stream: str | None = None
+    gpu_budget: str | None = None
+    max_tokens: int = 2048
+
+
+class InferenceModel:
+    """A placed (optionally LoRA-adapted) model with its tokenizer; :meth:`close` releases it.
+
+    Attributes:
+        model: the placed model (a ``PeftModel`` when an adapter was loaded).
+        arch: its :class:`~streamtune.models.ArchAdapter`.
+        tokenizer: the tokenizer of the run (or of the base model).
+        device: compute device.
+        source: the resolved :class:`~streamtune.infer.source.ModelSource`.
+        config: the RunConfig that placed it (run's config with the options applied).
+        placement: the :class:`~streamtune.offload.Placement`.
+    """
+
+    def __init__(self, model: Any, arch: Any, tokenizer: Any, device: Any, source: ModelSource, config: Any,
+                 placement: Any):
+        self.model, self.arch, self.tokenizer, self.device = model, arch, tokenizer, device
+        self.source, self.config, self.placement = source, config, placement
+
+    def close(self) -> None:
+        """Release the engine (streamed weights back into ordinary CPU tensors)."""
+        if self.placement is not None:
+            self.placement.close()
+            self.placement = None
+
+    def __enter__(self) -> "InferenceModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_config_for(source: ModelSource, options: InferenceOptions) -> Any:
+    """The RunConfig that places the model: the run's own (when known) with ``options`` applied.
+
+    Raises:
+        InputError: an option has a bad value (names the flag).
+    """
+    from streamtune.config import ConfigError, from_dict
+
+    raw = {section: dict(values) for section, values in source.run_config.items() if isinstance(values, dict)}
+    model = raw.setdefault("model", {})
+    model.update(name=source.base_name, seed=source.seed, trust_remote_code=source.trust_remote_code)
+    memory = raw.setdefault("memory", {})
+    memory["gradient_checkpointing"] = False
+    memory["cache_dir"] = None
+    for key, value in (("codec", options.codec), ("stream", options.stream), ("gpu_budget", options.gpu_budget)):
+        if value is not None:
+            memory[key] = value
+    train = raw.setdefault("train", {})
+    train["device"] = options.device
+    train["batch_size"] = 1
+    raw.setdefault("data", {}).setdefault("path", "-")
+    data = raw["data"]
+    data["seq_len"] = max(8, int(options.max_tokens))
+    if options.dtype is not None:
+        model["dtype"] = options.dtype
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise InputError(f"options: {exc}") from exc
+
+
+def open_model(spec: str, options: InferenceOptions | None = None) -> InferenceModel:
+    """Open ``MODEL_OR_ADAPTER`` for generation or evaluation, placed on the streaming engine.
+
+    Args:
+        spec: preset name, checkpoint directory, adapter directory, run checkpoint or run directory.
+        options: device, dtype, codec, stream, GPU budget and the longest sequence to plan for.
+
+    Raises:
+        InputError: the source cannot be resolved, the base model or tokenizer is missing, or the
+            plan says the model does not fit.
+    """
+    from streamtune.train.recipe import resolve_device, resolve_dtype
+
+    options = options or InferenceOptions()
+    source = resolve_source(spec)
+    cfg = run_config_for(source, options)
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    tokenizer = _tokenizer(source, cfg)
+    plan = _plan(cfg, device)
+    model, arch, checkpoint = _build_base(cfg, dtype)
+    # the engine packs (and streams) frozen weights only; PEFT freezes the base, a bare base is frozen here
+    model.requires_grad_(False)
+    if source.adapter_dir is not None:
+        model = _attach_adapter(model, source.adapter_dir)
+    placement = _place(model, arch, cfg, device, plan, checkpoint)
+    if source.adapter_dir is not None:
+        _load_adapter_weights(model, source.adapter_dir)
+    model.eval()
+    return InferenceModel(model, arch, tokenizer, placement.device, source, cfg, placement)
+
+
+def _tokenizer(source: ModelSource, cfg: Any) -> Any:
+    from types import SimpleNamespace
+
+    from streamtune.data import load_tokenizer
+
+    tokenizer_dir = str(source.tokenizer_dir) if source.tokenizer_dir is not None else cfg.model.tokenizer
+    return load_tokenizer(SimpleNamespace(name=cfg.model.name, tokenizer=tokenizer_dir,
+                                          trust_remote_code=cfg.model.trust_remote_code))
+
+
+def _plan(cfg: Any, device: Any) -> Any:
+    """On a GPU: the plan of the run (refuses what does not fit); caps the allocator like training."""
+    if device.type != "cuda":
+        return None
+    import psutil
+    import torch
+
+    from streamtune.config import parse_bytes
+    from streamtune.plan import plan_for_run, resolve_link_profile
+
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    plan = plan_for_run(cfg, link=resolve_link_profile(), gpu_budget_bytes=free_bytes,
+                        host_budget_bytes=psutil.virtual_memory().available)
+    plan.check()
+    if cfg.memory.gpu_budget:
+        budget = parse_bytes(cfg.memory.gpu_budget)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_bytes), device)
+    return plan
+
+
+def _build_base(cfg: Any, dtype: Any) -> tuple[Any, Any, Any]:
+    from streamtune.models import is_preset
+    from streamtune.models.build import build_model
+
+    m = cfg.model
+    if is_preset(m.name):
+        model, arch = build_model(m.name, dtype, m.seed, m.trust_remote_code)
+        return model, arch, None
+    from streamtune.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(m.name, dtype, m.trust_remote_code, progress=False)
+    return checkpoint.model, checkpoint.adapter, checkpoint
+
+
+def _attach_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Wrap ``model`` in PEFT LoRA as the adapter's config says (weights are loaded after placing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    # trainable as in training: the engine packs only frozen weights, LoRA stays an ordinary device tensor
+    config.inference_mode = False
+    config.lora_dropout = 0.0
+    config.base_model_name_or_path = getattr(model, "name_or_path", None) or None  # PEFT warns when they differ
+    try:
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    except ValueError as exc:
+        raise InputError(f"MODEL_OR_ADAPTER: the adapter {str(adapter_dir)!r} does not fit its base model: {exc}") from exc
+    for name, param in peft_model.named_parameters():
+        # as in training: LoRA weights are float32 whatever the base dtype
+        if "lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
+
+
+def _place(model: Any, arch: Any, cfg: Any, device: Any, plan: Any, checkpoint: Any) -> Any:
+    from streamtune.offload import place
+
+    load_tensor = checkpoint.load_tensor if checkpoint is not None else None
+    try:
+        return place(model, arch, cfg.memory, device, plan=plan, load_tensor=load_tensor)
+    finally:
+        if checkpoint is not None:
+            checkpoint.finish()
+
+
+def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
+    """Copy ``adapter_model.safetensors`` into the placed LoRA weights.
+
+    Raises:
+        InputError: the file is missing or names weights the model does not have.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise InputError(f"MODEL_OR_ADAPTER: {str(adapter_dir)!r} has no adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if unexpected or missing:
+        raise InputError(
+            f"MODEL_OR_ADAPTER: {path} does not match the base model (unexpected {unexpected[:3]}, "
+            f"missing {missing[:3]}); is this adapter trained on {model.peft_config['default'].base_model_name_or_path}?"
+        )
