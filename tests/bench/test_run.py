@@ -37,3 +37,11 @@ def test_missing_link_and_missing_fields():
                                                                    "error": "child exited 9"}]}
     text = format_report(report)
     assert "no bound" in text and "child exited 9" in text
+
+
+def test_mfu_from_active_params_and_the_measured_peak():
+    row = _row("streamtune", 2048, 0.5, h2d_bytes=0.0)
+    row["extra"]["active_params"] = 4e9
+    report = {"link": {"h2d_gbps": 50.0, "matmul_tflops": 800.0}, "results": [row, _row("resident", 2048, 0.4)]}
+    # 6 * 4e9 * 2048 / 0.5 s / 800e12 = 12.3 %; resident at 0.4 s: 15.4 %
+    assert "MFU 12.3% (resident 15.4%)" in format_report(report)

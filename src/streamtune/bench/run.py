@@ -164,8 +164,22 @@ def _ratios(report: dict[str, Any]) -> list[str]:
             other = (by.get((base, tokens)) or {}).get("tok_s")
             if other and r.get("tok_s"):
                 line += f"; x{r['tok_s'] / other:.2f} {base}"
+        line += _mfu(report, r, resident)
         lines.append(line)
     return lines
+
+
+def _mfu(report: dict[str, Any], row: dict[str, Any], resident_s: float | None) -> str:
+    """``; MFU x % (resident y %)``: 6 N_active tokens / step time / the measured bf16 matmul peak."""
+    active = (row.get("extra") or {}).get("active_params")
+    peak_tflops = (report.get("link") or {}).get("matmul_tflops")
+    if not active or not peak_tflops:
+        return ""
+    flops = 6.0 * active * row["tokens"]
+    text = f"; MFU {flops / row['step_s'] / (peak_tflops * 1e12):.1%}"
+    if resident_s:
+        text += f" (resident {flops / resident_s / (peak_tflops * 1e12):.1%})"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,8 @@ class Plan:
         host_bytes: host memory components.
         timing: ``step_seconds``, ``tokens_per_second``, ``limited_by``, compute/transfer seconds, per pass.
         suggestions: when it does not fit, each knob that would fix it, with the resulting peak.
+        active_params: base parameters one token multiplies with (experts by top_k / num_experts, plus the
+            LM head): the N of MFU = 6 N tokens / step time / matmul peak.
     """
 
     model_name: str
@@ -65,6 +67,7 @@ class Plan:
     link: LinkProfile
     total_params: int
     suggestions: list[str] = field(default_factory=list)
+    active_params: float = 0.0
 
     @property
     def streamed_indices(self) -> list[int]:
@@ -281,6 +284,7 @@ def _build(name: str, model: ModelSize, s: _Settings, gpu_budget_bytes: int, hos
         gpu_bytes=gpu, host_bytes=memory.host_components_bytes(model, streamed, local_ranks),
         gpu_budget_bytes=gpu_budget_bytes, host_budget_bytes=host_budget_bytes, timing=estimate, link=link,
         total_params=model.total_params,
+        active_params=sum(x.active_params for x in model.layers) + model.hidden * model.vocab,
     )
 
 
