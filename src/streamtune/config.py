@@ -426,10 +426,16 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
     ``data.path``, ``data.eval_path``, ``output.dir`` and ``memory.cache_dir`` always; ``model.name``
     and ``model.tokenizer`` only when they name an existing directory (a preset name stays a name).
-    ``~`` expands. The run's saved ``config.yaml`` then works from any directory (``--resume`` included).
+    ``~`` expands. A bundled model's name (``smollm2-135m-instruct``) becomes its converted checkpoint
+    directory (see :mod:`streamtune.models.bundled`; converted on first use). The run's saved ``config.yaml``
+    then works from any directory (``--resume`` included).
+
+    Raises:
+        InputError: a bundled model whose package is not installed.
     """
     import os
 
+    from streamtune.models.bundled import bundled_checkpoint, is_bundled
     from streamtune.models.presets import is_preset
 
     for dotted in PATH_KEYS:
@@ -439,7 +445,9 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         if not isinstance(value, str) or not value:
             continue
         path = Path(value).expanduser()
-        if section == "model" and (is_preset(value) or not path.is_dir()):
+        if dotted == "model.name" and is_bundled(value) and not path.exists():
+            path = bundled_checkpoint(value)  # converted once, then a plain checkpoint directory
+        elif section == "model" and (is_preset(value) or not path.is_dir()):
             continue
         setattr(values, key, os.path.abspath(path))
     return cfg

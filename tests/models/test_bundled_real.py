@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parent
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 QUESTION = "What is the capital of Germany?"  # in the eval file, not in the training file
 
 

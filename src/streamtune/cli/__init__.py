@@ -30,14 +30,14 @@ SUBCOMMANDS = {
 
 # One example per command for ``streamtune --help`` (shown for the commands that are installed).
 EXAMPLES = {
-    "train": "streamtune train examples/quickstart.yaml train.max_steps=50   # any config key as section.key=value",
+    "train": "streamtune train examples/quickstart.yaml train.max_steps=32   # any config key as section.key=value",
     "plan": "streamtune plan gemma4-26b-a4b --gpu-memory 24GiB --codec int8   # or a checkpoint directory",
     "bench": "streamtune bench --link                  # measure this machine's host-to-GPU copy speed",
     "doctor": "streamtune doctor                        # which known stock-stack bugs bite here",
     "merge": "streamtune merge runs/quickstart/adapter --out runs/quickstart/merged",
-    "generate": "streamtune generate runs/quickstart/adapter --prompt 'Reverse: red fox'",
+    "generate": "streamtune generate runs/quickstart --prompt 'What is the capital of Germany?'",
     "chat": "streamtune chat runs/quickstart/adapter",
-    "eval": "streamtune eval runs/quickstart --data examples/data/quickstart.jsonl",
+    "eval": "streamtune eval runs/quickstart --data examples/data/pirate_eval.jsonl",
     "report": "streamtune report runs/quickstart",
 }
 DESCRIPTION = """\
@@ -45,7 +45,7 @@ LoRA fine-tuning of language models bigger than your GPU: the frozen base weight
 (optionally int8/nf4) and stream to the GPU layer by layer, overlapped with compute. Models are stock
 Hugging Face checkpoints (or presets); adapters are stock PEFT adapters.
 
-Start with:  streamtune train examples/quickstart.yaml     (CPU, about a minute, nothing downloaded)
+Start with:  streamtune train examples/quickstart.yaml     (a real model on the CPU, about a minute and a half)
 """
 # A command-line word that is a config override (``section.key=value``) rather than a file or option.
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][\w.]*=")

@@ -176,8 +176,11 @@ def _attach_adapter(model: Any, adapter_dir: Path) -> Any:
     config.inference_mode = False
     config.lora_dropout = 0.0
     config.base_model_name_or_path = getattr(model, "name_or_path", None) or None  # PEFT warns when they differ
+    from streamtune.lora.adapter import peft_wrapping
+
     try:
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+        with peft_wrapping():
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise InputError(f"MODEL_OR_ADAPTER: the adapter {str(adapter_dir)!r} does not fit its base model: {exc}") from exc
     for name, param in peft_model.named_parameters():

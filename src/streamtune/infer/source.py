@@ -49,14 +49,17 @@ class ModelSource:
 
 
 def resolve_source(spec: str, key: str = "MODEL_OR_ADAPTER") -> ModelSource:
-    """Resolve a preset name, checkpoint, adapter, run checkpoint or run directory.
+    """Resolve a preset or bundled model name, checkpoint, adapter, run checkpoint or run directory.
 
     Raises:
         InputError: ``spec`` is none of these (the message says what each needs).
     """
     from streamtune.models import is_preset
+    from streamtune.models.bundled import bundled_checkpoint, is_bundled
 
     path = Path(spec).expanduser()
+    if is_bundled(spec) and not path.exists():
+        path = bundled_checkpoint(spec)  # converted once, then a plain checkpoint directory
     if path.is_dir():
         if (path / ADAPTER_CONFIG_FILE).is_file():
             return _adapter_source(path)

