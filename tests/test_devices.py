@@ -77,3 +77,21 @@ def test_without_cuda_it_refuses(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         devices.detect_link_profile()
+
+
+def test_plan_on_device_uses_the_card_and_caps_the_allocator(fake_h200, monkeypatch, tmp_path, run_dict):
+    from streamtune.config import from_dict
+    from streamtune.errors import InputError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (H200_BYTES - 2**30, H200_BYTES))
+    caps = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: caps.append(fraction))
+    cfg = from_dict(run_dict(tmp_path / "run", memory={"gpu_budget": "24GiB"}))
+    plan = devices.plan_on_device(cfg, torch.device("cuda", 0))
+    assert plan.link.gpu_name == "NVIDIA H200" and plan.gpu_budget_bytes == 24 * 2**30
+    assert caps == [pytest.approx(24 * 2**30 / H200_BYTES)]
+    too_small = from_dict(run_dict(tmp_path / "run", memory={"gpu_budget": "1MiB"}))
+    with pytest.raises(InputError, match="does not fit"):
+        devices.plan_on_device(too_small, torch.device("cuda", 0))
+    assert len(caps) == 1  # refused before the allocator is capped

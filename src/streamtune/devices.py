@@ -101,3 +101,29 @@ def detect_link_profile(device: Any = None, path: str | Path | None = None, meas
     named = closest_named(props.name)
     return replace(named, gpu_name=props.name, gpu_memory_bytes=int(props.total_memory),
                    source=f"default {named.gpu_name} (detected {props.name})")
+
+
+def plan_on_device(cfg: Any, device: Any, local_ranks: int = 1) -> Any:
+    """The plan of the run ``cfg`` on the CUDA ``device``, checked, with the allocator capped.
+
+    The card's own profile (:func:`detect_link_profile`) gives the speeds, its free memory the default
+    GPU budget and the machine's available RAM the default host budget; ``memory.gpu_budget``, when set,
+    also caps this process's allocator on ``device``. ``train`` and ``generate``/``eval`` plan this way.
+
+    Raises:
+        InputError: the run would not fit (the message holds the plan and what to lower).
+    """
+    import psutil
+    import torch
+
+    from streamtune.config import parse_bytes
+    from streamtune.plan import plan_for_run
+
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    plan = plan_for_run(cfg, link=detect_link_profile(device), gpu_budget_bytes=free_bytes,
+                        host_budget_bytes=psutil.virtual_memory().available, local_ranks=local_ranks)
+    plan.check()
+    if cfg.memory.gpu_budget:
+        budget = parse_bytes(cfg.memory.gpu_budget)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_bytes), device)
+    return plan

@@ -101,6 +101,8 @@ def open_model(spec: str, options: InferenceOptions | None = None) -> InferenceM
         InputError: the source cannot be resolved, the base model or tokenizer is missing, or the
             plan says the model does not fit.
     """
+    from streamtune.devices import plan_on_device
+    from streamtune.loading import open_base
     from streamtune.train.recipe import resolve_device, resolve_dtype
 
     options = options or InferenceOptions()
@@ -109,13 +111,14 @@ def open_model(spec: str, options: InferenceOptions | None = None) -> InferenceM
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     tokenizer = _tokenizer(source, cfg)
-    plan = _plan(cfg, device)
-    model, arch, checkpoint = _build_base(cfg, dtype)
+    plan = plan_on_device(cfg, device) if device.type == "cuda" else None
+    base = open_base(cfg.model, dtype, progress=False)
+    model, arch = base.model, base.adapter
     # the engine packs (and streams) frozen weights only; PEFT freezes the base, a bare base is frozen here
     model.requires_grad_(False)
     if source.adapter_dir is not None:
         model = _attach_adapter(model, source.adapter_dir)
-    placement = _place(model, arch, cfg, device, plan, checkpoint)
+    placement = _place(model, arch, cfg, device, plan, base)
     if source.adapter_dir is not None:
         _load_adapter_weights(model, source.adapter_dir)
     model.eval()
@@ -130,40 +133,6 @@ def _tokenizer(source: ModelSource, cfg: Any) -> Any:
     tokenizer_dir = str(source.tokenizer_dir) if source.tokenizer_dir is not None else cfg.model.tokenizer
     return load_tokenizer(SimpleNamespace(name=cfg.model.name, tokenizer=tokenizer_dir,
                                           trust_remote_code=cfg.model.trust_remote_code))
-
-
-def _plan(cfg: Any, device: Any) -> Any:
-    """On a GPU: the plan of the run (refuses what does not fit); caps the allocator like training."""
-    if device.type != "cuda":
-        return None
-    import psutil
-    import torch
-
-    from streamtune.config import parse_bytes
-    from streamtune.plan import plan_for_run, resolve_link_profile
-
-    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-    plan = plan_for_run(cfg, link=resolve_link_profile(), gpu_budget_bytes=free_bytes,
-                        host_budget_bytes=psutil.virtual_memory().available)
-    plan.check()
-    if cfg.memory.gpu_budget:
-        budget = parse_bytes(cfg.memory.gpu_budget)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_bytes), device)
-    return plan
-
-
-def _build_base(cfg: Any, dtype: Any) -> tuple[Any, Any, Any]:
-    from streamtune.models import is_preset
-    from streamtune.models.build import build_model
-
-    m = cfg.model
-    if is_preset(m.name):
-        model, arch = build_model(m.name, dtype, m.seed, m.trust_remote_code)
-        return model, arch, None
-    from streamtune.loading import open_checkpoint
-
-    checkpoint = open_checkpoint(m.name, dtype, m.trust_remote_code, progress=False)
-    return checkpoint.model, checkpoint.adapter, checkpoint
 
 
 def _attach_adapter(model: Any, adapter_dir: Path) -> Any:
@@ -190,15 +159,13 @@ def _attach_adapter(model: Any, adapter_dir: Path) -> Any:
     return peft_model
 
 
-def _place(model: Any, arch: Any, cfg: Any, device: Any, plan: Any, checkpoint: Any) -> Any:
+def _place(model: Any, arch: Any, cfg: Any, device: Any, plan: Any, base: Any) -> Any:
     from streamtune.offload import place
 
-    load_tensor = checkpoint.load_tensor if checkpoint is not None else None
     try:
-        return place(model, arch, cfg.memory, device, plan=plan, load_tensor=load_tensor)
+        return place(model, arch, cfg.memory, device, plan=plan, load_tensor=base.load_tensor)
     finally:
-        if checkpoint is not None:
-            checkpoint.finish()
+        base.finish()
 
 
 def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:

@@ -34,6 +34,10 @@ class OpenedCheckpoint:
         """The engine's ``load_tensor`` hook (see :meth:`CheckpointReader.load_tensor`)."""
         self.reader.load_tensor(index, name, param, out, segment_numel, consume)
 
+    def skip_layer(self, index: int) -> None:
+        """Decoder layer ``index`` came packed from elsewhere (pack cache, shared host copy): do not read it."""
+        self.reader.skip_layer(index)
+
     def finish(self) -> dict[str, float]:
         """Check that every layer was read, close the reader; returns its :meth:`~CheckpointReader.stats`.
 
@@ -103,3 +107,25 @@ def is_checkpoint_dir(name: str) -> bool:
     """True when ``name`` is a directory (presets are not)."""
     return Path(name).expanduser().is_dir()
 
+
+def open_base(model_cfg: Any, dtype: Any, progress: bool | None = None) -> Any:
+    """The base model a run places: its decoder layers are filled as the engine packs them.
+
+    A preset becomes a :class:`~streamtune.models.build.LazyPreset` (random weights per tensor), a
+    directory an :class:`OpenedCheckpoint`; both give ``model``, ``adapter``, ``load_tensor``,
+    ``skip_layer`` and ``finish()`` (loading stats, None for a preset).
+
+    Args:
+        model_cfg: ``RunConfig.model`` (name, seed, trust_remote_code).
+        dtype: the model's parameter dtype.
+        progress: show the shard reader's progress bar (default: on a terminal).
+
+    Raises:
+        InputError: see :func:`open_checkpoint`.
+    """
+    from streamtune.models import is_preset
+    from streamtune.models.build import LazyPreset
+
+    if is_preset(model_cfg.name):
+        return LazyPreset(model_cfg.name, dtype, model_cfg.seed)
+    return open_checkpoint(model_cfg.name, dtype, model_cfg.trust_remote_code, progress=progress)

@@ -187,6 +187,13 @@ class LazyPreset:
         if consume is not None:
             consume(0, param.numel())
 
+    def skip_layer(self, index: int) -> None:
+        """Layer ``index`` came packed from elsewhere: nothing to do (nothing is read ahead)."""
+
+    def finish(self) -> None:
+        """Loading stats, as ``OpenedCheckpoint.finish`` gives them: none for random weights."""
+        return None
+
     def load_all(self) -> Any:
         """Fill every decoder layer now (an ordinary CPU model, e.g. to save it); returns the model."""
         for index, layer in enumerate(self.layers):

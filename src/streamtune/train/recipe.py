@@ -170,43 +170,19 @@ class Recipe:
 
     def _plan(self) -> None:
         """On a GPU: refuse a run that would not fit, before loading weights; cap the allocator."""
+        from streamtune.devices import plan_on_device
+
         self.plan = None
-        if self.device.type != "cuda":
-            return
-        import psutil
-        import torch
-
-        from streamtune.config import parse_bytes
-        from streamtune.devices import detect_link_profile
-        from streamtune.plan import plan_for_run
-
-        free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
-        self.plan = plan_for_run(self.cfg, link=detect_link_profile(self.device), gpu_budget_bytes=free_bytes,
-                                 host_budget_bytes=psutil.virtual_memory().available,
-                                 local_ranks=self.dist.host_copies_shared_by())
-        self.plan.check()
-        if self.cfg.memory.gpu_budget:
-            budget = parse_bytes(self.cfg.memory.gpu_budget)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_bytes), self.device)
+        if self.device.type == "cuda":
+            self.plan = plan_on_device(self.cfg, self.device, self.dist.host_copies_shared_by())
 
     def _build_model(self) -> None:
-        from streamtune.models import is_preset
-        from streamtune.models.build import LazyPreset
+        from streamtune.loading import open_base
 
-        m = self.cfg.model
-        self.checkpoint = None
-        self.preset = None
+        # decoder layers stay on disk (or unfilled, for a preset) until the engine packs them: one copy in host RAM
+        self.base = open_base(self.cfg.model, self.dtype, progress=self.cfg.output.progress)
+        self.model, self.arch = self.base.model, self.base.adapter
         self.load_stats = None
-        if is_preset(m.name):
-            # decoder layers are filled tensor by tensor as the engine packs them (one copy in host RAM)
-            self.preset = LazyPreset(m.name, self.dtype, m.seed)
-            self.model, self.arch = self.preset.model, self.preset.adapter
-        else:
-            # Decoder layers stay on disk until the engine packs them (one copy in host RAM).
-            from streamtune.loading import open_checkpoint
-
-            self.checkpoint = open_checkpoint(m.name, self.dtype, m.trust_remote_code, progress=self.cfg.output.progress)
-            self.model, self.arch = self.checkpoint.model, self.checkpoint.adapter
         check_vocab(self.model, self.tokenizer)
 
     def _save_base(self) -> None:
@@ -226,7 +202,7 @@ class Recipe:
             return
         base_dir = self.run_dir / BASE_DIR
         if not (base_dir / "config.json").is_file():
-            self.preset.load_all()
+            self.base.load_all()
             self.model.save_pretrained(str(base_dir))
             self.tokenizer.save_pretrained(str(base_dir))
 
@@ -238,16 +214,13 @@ class Recipe:
 
         self.model = attach_lora(self.model, self.arch, self.cfg.lora, self.cfg.train.seed)
         self._apply_kernels()
-        source = self.checkpoint if self.checkpoint is not None else self.preset
-        load_tensor = source.load_tensor if source is not None else None
-        host_store = self.dist.shared_host_store(self.checkpoint.reader.skip_layer if self.checkpoint else None)
+        host_store = self.dist.shared_host_store(self.base.skip_layer)
         self.pack_cache = self._pack_cache() if host_store is None or host_store.owner else None
         try:
             self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
-                                   load_tensor=load_tensor, pack_cache=self.pack_cache, host_store=host_store)
+                                   load_tensor=self.base.load_tensor, pack_cache=self.pack_cache, host_store=host_store)
         finally:
-            if self.checkpoint is not None:
-                self.load_stats = self.checkpoint.finish()
+            self.load_stats = self.base.finish()
         self.dist.release_shared_host(host_store)
         self.shared_host = host_store.stats() if host_store is not None else None
         report_loading(self.load_stats, self.pack_cache)
@@ -281,12 +254,12 @@ class Recipe:
         atomic_write_bytes(self.run_dir / PLACEMENT_FILE, json.dumps(record, indent=1).encode())
 
     def _pack_cache(self) -> Any:
-        if not self.cfg.memory.cache_dir or self.checkpoint is None:
+        if not self.cfg.memory.cache_dir:  # check_cache_dir refused it for a preset before anything loaded
             return None
         from streamtune.loading.cache import PackCache
 
         return PackCache.for_checkpoint(self.cfg.memory.cache_dir, self.cfg.model.name, self.cfg.memory.codec,
-                                        self.dtype, on_hit=self.checkpoint.reader.skip_layer)
+                                        self.dtype, on_hit=self.base.skip_layer)
 
     def _restore(self, path: Path) -> None:
         from streamtune.lora import load_trainable_state
