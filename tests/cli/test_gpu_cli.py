@@ -122,6 +122,32 @@ def test_merge_and_stock_peft_load_the_adapter_on_cuda(tmp_path, run_dict):
     assert merged_error < 0.25 * (base - stock).abs().mean()
 
 
+def test_user_loop_verbs_on_cuda(tmp_path, run_dict):
+    """generate, chat, eval and report on a run trained on CUDA, each as the user types it."""
+    cfg = _config(tmp_path, run_dict, memory={"codec": "int8"}, train={"save_every": 3})
+    _cli("train", str(cfg))
+    run = tmp_path / "run"
+    data = run_dict(run)["data"]["path"]
+    done = _cli("generate", str(run), "--prompt", "Name three colors.", "--max-new-tokens", "6", "--gpu-memory",
+                "2GiB")
+    assert done.stdout.strip()
+    streamed = _cli("generate", str(run), "--prompt", "Name three colors.", "--max-new-tokens", "6",
+                    "--stream", "all").stdout
+    assert streamed.strip()
+    chat = subprocess.run([sys.executable, "-m", "streamtune.cli", "chat", str(run), "--max-new-tokens", "4"],
+                          input="hello\nhow are you?\n/exit\n", capture_output=True, text=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert chat.stdout.count("\n") == 2  # one reply line per prompt (a reply may be empty: EOS first)
+    result = json.loads(_cli("eval", str(run), "--data", data, "--json", "--batch-size", "2").stdout)
+    assert result["loss"] > 0 and result["perplexity"] > 1
+    base = json.loads(_cli("eval", str(run / "base"), "--data", data, "--json", "--batch-size", "2",
+                           check=False).stdout or "{}")
+    if base:  # a run whose base is a preset has no base directory to evaluate alone
+        assert result["loss"] < base["loss"]
+    _cli("report", str(run), "--out", str(tmp_path / "report"))
+    assert (tmp_path / "report" / "report.html").is_file()
+
+
 def test_plan_uses_the_card_it_runs_on(tmp_path):
     env_cache = {"XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "streamtune.cli", "plan", "gemma4-26b-a4b", "--codec", "int8",

@@ -104,3 +104,35 @@ def test_encode_is_independent_of_thread_count():
         torch.set_num_threads(threads)
     many = INT8.encode(x)
     assert torch.equal(single["q"], many["q"]) and torch.equal(single["scale"], many["scale"])
+
+
+class _BrokenInt8Kernel:
+    @staticmethod
+    def int8_decode_triton(*args):
+        raise RuntimeError("no compiler")
+
+
+def test_decode_backend_is_checked_and_cpu_auto_is_torch():
+    x = torch.randn(4, 33)
+    parts = INT8.encode(x)
+    with pytest.raises(ValueError, match="backend 'cuda'.*allowed: auto, torch, triton"):
+        INT8.decode(parts, x.shape, torch.float32, backend="cuda")
+    assert not codecs._use_int8_triton("auto", torch.device("cpu"))
+    torch.testing.assert_close(INT8.decode(parts, x.shape, torch.float32), x, atol=x.abs().max().item() / 254, rtol=0)
+
+
+def test_auto_decode_falls_back_to_torch_once_when_the_kernel_fails(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "streamtune.quant.int8_triton", _BrokenInt8Kernel)
+    monkeypatch.setattr(codecs, "_INT8_TRITON_FAILURE", None)
+    x = torch.randn(3, 100)
+    parts = INT8.encode(x)
+    expected = INT8.decode(parts, x.shape, torch.float32, backend="torch")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        INT8.decode(parts, x.shape, torch.float32, backend="triton")
+    out = torch.empty(3, 100)
+    with pytest.warns(UserWarning, match="Triton int8 decode failed, using the torch decode: RuntimeError: no compiler"):
+        assert codecs._decode_int8_triton(parts["q"].view(3, 100), parts["scale"].view(3, 1), out, "auto") is False
+    assert not codecs._use_int8_triton("auto", torch.device("cuda"))
+    assert torch.equal(INT8.decode(parts, x.shape, torch.float32), expected)

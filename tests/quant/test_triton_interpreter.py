@@ -1,4 +1,4 @@
-"""The Triton NF4 kernel, run by Triton's CPU interpreter, matches the torch decode (skipped without Triton)."""
+"""The Triton NF4 and int8 kernels, run by Triton's CPU interpreter, matches the torch decode (skipped without Triton)."""
 
 import importlib.util
 import os
@@ -20,6 +20,15 @@ SCRIPT = textwrap.dedent(
             by_torch = codec.decode(parts, shape, dtype, backend="torch")
             by_triton = codec.decode(parts, shape, dtype, backend="triton")
             # the interpreter rounds float32 -> bfloat16 toward zero, a GPU to nearest: allow one bf16 step
+            tolerance = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0
+            torch.testing.assert_close(by_triton, by_torch, rtol=tolerance, atol=0)
+    codec = get_codec("int8")
+    for shape in ((3, 7, 65), (4097,), (9, 1030)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        parts = codec.encode(x)
+        for dtype in (torch.float32, torch.bfloat16):
+            by_torch = codec.decode(parts, shape, dtype, backend="torch")
+            by_triton = codec.decode(parts, shape, dtype, backend="triton")
             tolerance = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0
             torch.testing.assert_close(by_triton, by_torch, rtol=tolerance, atol=0)
     print("OK")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from streamtune.quant.base import (
@@ -20,6 +22,9 @@ from streamtune.quant.cpu_encode import encode_int8_rows, run_chunks
 
 ENCODE_CHUNK_NUMEL = 1 << 18
 CPU_DECODE_CHUNK_NUMEL = 1 << 20
+INT8_DECODE_BACKENDS = ("auto", "torch", "triton")
+# why the Triton int8 decode was turned off for this process (None: not tried or working)
+_INT8_TRITON_FAILURE: str | None = None
 
 
 class Bf16Codec(Codec):
@@ -155,12 +160,23 @@ class Int8Codec(Codec):
         out = {"q": parts["q"].view(-1, row_numel)[first:last], "scale": parts["scale"].view(-1)[first:last]}
         self.encode(rows, out=out)
 
-    def decode(self, parts, shape, dtype, out=None) -> torch.Tensor:
-        """``q * scale`` per row, written into ``out`` (one fused kernel on CUDA, chunked on CPU).
+    def decode(self, parts, shape, dtype, out=None, *, backend: str = "auto") -> torch.Tensor:
+        """``q * scale`` per row (float32 product, one rounding), written into ``out``.
+
+        Args:
+            parts: the parts (see the class docstring).
+            shape: original shape.
+            dtype: output dtype.
+            out: output tensor (same shape/dtype, on the parts' device); allocated when None.
+            backend: ``"triton"`` (fused kernel), ``"torch"`` (``torch.mul``; chunked on the CPU), or
+                ``"auto"``: Triton on CUDA when it imports and works, torch otherwise. Both give the
+                same values.
 
         Raises:
-            ValueError: the parts do not match the layout, or ``out`` does not match.
+            ValueError: the parts or ``out`` do not match the layout, or ``backend`` is unknown.
         """
+        if backend not in INT8_DECODE_BACKENDS:
+            raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(INT8_DECODE_BACKENDS)}")
         shape, out = decode_target(self, parts, shape, dtype, out)
         device = out.device
         if out.numel() == 0:
@@ -169,11 +185,40 @@ class Int8Codec(Codec):
         q_rows = parts["q"].view(-1, row_numel)
         scale_col = parts["scale"].view(-1, 1)
         out_rows = out.view(-1, row_numel)
-        max_numel = out.numel() if device.type == "cuda" else CPU_DECODE_CHUNK_NUMEL
-        step = rows_per_chunk(row_numel, max_numel)
         with torch.no_grad():
+            if _use_int8_triton(backend, device) and _decode_int8_triton(q_rows, scale_col, out_rows, backend):
+                return out
+            max_numel = out.numel() if device.type == "cuda" else CPU_DECODE_CHUNK_NUMEL
+            step = rows_per_chunk(row_numel, max_numel)
             for start in range(0, q_rows.shape[0], step):
                 stop = start + step
                 torch.mul(q_rows[start:stop], scale_col[start:stop], out=out_rows[start:stop])
         return out
 
+
+def _use_int8_triton(backend: str, device: torch.device) -> bool:
+    if backend != "auto":
+        return backend == "triton"
+    return device.type == "cuda" and _INT8_TRITON_FAILURE is None
+
+
+def _decode_int8_triton(q_rows: torch.Tensor, scale_col: torch.Tensor, out_rows: torch.Tensor, backend: str) -> bool:
+    """Run the Triton kernel; True when it ran.
+
+    With ``backend="auto"`` a kernel that fails to import, build or launch warns once and turns the
+    Triton path off for the process; with ``"triton"`` the error propagates.
+    """
+    global _INT8_TRITON_FAILURE
+    try:
+        from streamtune.quant.int8_triton import int8_decode_triton
+
+        int8_decode_triton(q_rows, scale_col.view(-1), out_rows)
+    except Exception as exc:
+        if backend == "triton":
+            raise
+        _INT8_TRITON_FAILURE = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, ImportError):
+            warnings.warn(f"streamtune: Triton int8 decode failed, using the torch decode: {_INT8_TRITON_FAILURE}",
+                          stacklevel=3)
+        return False
+    return True

@@ -1,0 +1,199 @@
+"""Where a streamed step's time goes: the full preset on the engine under a GPU cap, profiled (issue 12).
+
+For each token count: place the layers as the planner says under ``--cap-gib``, run warm-up steps, time
+``--steps`` steps, then profile one step with ``torch.profiler`` and one more under
+``torch.cuda.set_sync_debug_mode("warn")``. Printed per point:
+
+- step seconds, and how long the Python side took to issue the step (``issue_s``: until ``opt.step()``
+  returns, before the final synchronisation): ``issue_s`` close to ``step_s`` means the step waits on the
+  CPU (launch overhead or host syncs), not on the GPU;
+- GPU kernel time per category of notes/profile-categories.md, kernel launches, copy-stream time;
+- the host syncs: each Python line that synchronised, with its count;
+- the top kernels.
+
+Then, with ``--resident``, the same for all layers resident on the uncapped GPU (the issue's "after" table).
+
+    python benchmarks/profile_step.py --tokens 2048,8192 --kernels auto --resident --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from fast_step import CATEGORIES  # noqa: E402  (the categories of notes/profile-categories.md)
+
+LAUNCH = re.compile(r"cudaLaunchKernel|cuLaunchKernel|cudaLaunchKernelExC|cudaGraphLaunch")
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gemma4-26b-a4b")
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--tokens", default="2048,8192")
+    p.add_argument("--cap-gib", type=float, default=24.0)
+    p.add_argument("--kernels", default="auto", choices=["auto", "eager"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--loss-chunk-tokens", type=int, default=1024)
+    p.add_argument("--resident", action="store_true", help="also profile every layer resident, uncapped")
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", default=None)
+    return p.parse_args()
+
+
+def categorise(prof: Any) -> dict[str, Any]:
+    """Kernel ms per category, launches, top kernels, synchronising runtime calls."""
+    totals = collections.Counter()
+    kernels = []
+    launches, syncs = 0, collections.Counter()
+    for evt in prof.key_averages():
+        name = evt.key
+        if LAUNCH.search(name):
+            launches += evt.count
+        if "Synchronize" in name or name in ("cudaMemcpy", "cudaMemcpyAsync"):
+            syncs[name] += evt.count
+        device_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if device_us <= 0 or name.startswith("aten::"):
+            continue
+        low = name.lower()
+        category = next((c for c, rx in CATEGORIES if re.search(rx, low)), "elementwise/other")
+        totals[category] += device_us / 1e3
+        kernels.append((device_us / 1e3, evt.count, name[:110]))
+    kernels.sort(reverse=True)
+    return {"category_ms": {k: round(v, 1) for k, v in totals.items()}, "kernel_ms": round(sum(totals.values()), 1),
+            "launches": launches, "runtime_sync_calls": dict(syncs), "top": kernels}
+
+
+def sync_sites(step: Any) -> list[tuple[int, str]]:
+    """Run ``step`` once with sync debug warnings on; the Python lines that synchronised, with counts."""
+    sites = collections.Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return sorted(((n, s) for s, n in sites.items()), reverse=True)
+
+
+def measure(step: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, issue = [], []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        issue.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result = {"step_s": sorted(times)[len(times) // 2], "issue_s": sorted(issue)[len(issue) // 2],
+              "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    result.update(categorise(prof))
+    result["sync_sites"] = sync_sites(step)[:15]
+    return result
+
+
+def main() -> int:
+    args = _args()
+    from streamtune.bench.common import GIB, attach_lora, bench_config, cap_gpu_memory, random_batch
+    from streamtune.bench.variants import _adamw, _fast_kernels, _our_step
+    from streamtune.models.adapters import adapter_for
+    from streamtune.models.build import LazyPreset
+    from streamtune.offload import StreamEngine
+    from streamtune.plan import make_plan
+
+    config = bench_config(args.model, args.num_layers)
+    adapter = adapter_for(config)
+    lazy = LazyPreset(config, torch.bfloat16)
+    model = attach_lora(lazy.model, args.lora_rank)
+    kernels, applied = _fast_kernels(model, args.kernels)
+    budget = int(args.cap_gib * GIB)
+    cap_gpu_memory(budget)
+    engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
+                          load_tensor=lazy.load_tensor)
+    opt = _adamw(model)
+    from streamtune.devices import detect_link_profile
+
+    link = detect_link_profile(torch.device("cuda"))
+    points = []
+    for resident in ([False, True] if args.resident else [False]):
+        if resident:
+            cap_gpu_memory(None)
+            engine.set_streamed([])
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            plan = make_plan(config, codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
+                             gpu_budget_bytes=budget, link=link, loss_chunk_tokens=args.loss_chunk_tokens, suggest=False)
+            if not resident:
+                engine.set_streamed(plan.streamed_indices)
+            engine.step_metrics()
+            batch = random_batch(tokens, config.vocab_size, "cuda")
+
+            def step() -> Any:
+                return _our_step(model, adapter, batch, opt, args.loss_chunk_tokens, kernels)
+
+            point = {"tokens": tokens, "resident": resident, "kernels": args.kernels, "codec": args.codec,
+                     "num_streamed": len(engine.streamed), "predicted_step_s": plan.step_seconds,
+                     "predicted_peak_gib": plan.gpu_peak_bytes / 2**30, **measure(step, args),
+                     "transfer": engine.step_metrics()}
+            points.append(point)
+            print(f"[profile] {json.dumps({k: v for k, v in point.items() if k != 'top'})}", flush=True)
+            for ms, count, name in point["top"][:args.top]:
+                print(f"    {ms:8.1f} ms  x{count:<5d} {name}")
+    print(table(points, applied))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        gpu = torch.cuda.get_device_name().replace(" ", "_")
+        (out / f"profile_step-{gpu}-{args.kernels}-{stamp}.json").write_text(json.dumps(
+            {"args": vars(args), "applied": applied, "torch": torch.__version__, "points": points}, indent=1))
+    return 0
+
+
+def table(points: list[dict], applied: dict) -> str:
+    cats = [c for c, _ in CATEGORIES] + ["elementwise/other"]
+    head = ["point"] + [f"{p['tokens']}{' res' if p['resident'] else ''}" for p in points]
+    rows = [head, ["step s"] + [f"{p['step_s']:.3f}" for p in points],
+            ["issue s (CPU)"] + [f"{p['issue_s']:.3f}" for p in points],
+            ["predicted s"] + [f"{p['predicted_step_s']:.3f}" for p in points],
+            ["peak GiB"] + [f"{p['gpu_peak_gib']:.2f}" for p in points],
+            ["predicted peak"] + [f"{p['predicted_peak_gib']:.2f}" for p in points],
+            ["streamed"] + [str(p["num_streamed"]) for p in points]]
+    rows += [[f"{c} ms"] + [f"{p['category_ms'].get(c, 0):.1f}" for p in points] for c in cats]
+    rows += [["kernel ms"] + [f"{p['kernel_ms']:.1f}" for p in points],
+             ["launches"] + [str(p["launches"]) for p in points],
+             ["host syncs"] + [str(sum(n for n, _ in p["sync_sites"])) for p in points]]
+    lines = [f"kernels: {applied}"] + ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
