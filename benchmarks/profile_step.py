@@ -150,7 +150,8 @@ def main() -> int:
             engine.set_streamed([])
         for tokens in [int(t) for t in args.tokens.split(",")]:
             plan = make_plan(config, codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
-                             gpu_budget_bytes=budget, link=link, loss_chunk_tokens=args.loss_chunk_tokens, suggest=False)
+                             gpu_budget_bytes=budget, link=link, loss_chunk_tokens=args.loss_chunk_tokens, suggest=False,
+                             kernels=args.kernels)
             if not resident:
                 engine.set_streamed(plan.streamed_indices)
             engine.step_metrics()

@@ -9,7 +9,7 @@ import pytest
 
 from streamtune.errors import InputError
 from streamtune.plan import GPU_PROFILES, even_indices, format_table, make_plan
-from streamtune.plan import memory, planner
+from streamtune.plan import memory, planner, timing
 from streamtune.plan.profiles import replace
 
 GIB = 2**30
@@ -96,18 +96,31 @@ def test_compressed_codecs_shrink_host_and_transfer():
 def test_step_time_is_per_pass_max_and_names_the_limit():
     slow_link = replace(GPU_PROFILES["h100"], h2d_gbps=1.0)
     fast_link = replace(GPU_PROFILES["h100"], h2d_gbps=1e6)
-    slow = _plan(stream="all", link=slow_link, gpu_budget_bytes=80 * GIB)
-    fast = _plan(stream="all", link=fast_link, gpu_budget_bytes=80 * GIB)
+    slow = _plan(stream="all", link=slow_link, gpu_budget_bytes=80 * GIB, kernels="eager")
+    fast = _plan(stream="all", link=fast_link, gpu_budget_bytes=80 * GIB, kernels="eager")
     assert slow.limited_by == "transfer" and fast.limited_by == "compute"
-    for plan in (slow, fast):
+    fused = _plan(stream="all", link=fast_link, gpu_budget_bytes=80 * GIB)
+    for plan in (slow, fast, fused):
         t = plan.timing
-        expected = (max(t["compute_forward_seconds"], t["transfer_forward_seconds"])
-                    + max(t["compute_backward_seconds"], t["transfer_backward_seconds"])
-                    + t["compute_optimizer_seconds"])
+        expected = sum(max(t[f"compute_{p}_seconds"], t[f"compute_cpu_{p}_seconds"], t[f"transfer_{p}_seconds"])
+                       for p in ("forward", "backward")) + t["compute_optimizer_seconds"]
         assert plan.step_seconds == pytest.approx(expected)
         assert plan.tokens_per_second == pytest.approx(2048 / plan.step_seconds)
     # The backward reuses the last ring_slots layers of the forward without a copy.
     assert slow.timing["transfer_backward_seconds"] < slow.timing["transfer_forward_seconds"]
+    # The fast kernels: the host issues every layer pass (forward, recompute, backward).
+    num_layers = len(fused.layers)
+    costs = timing.kernel_costs("auto")
+    assert fused.timing["host_seconds"] == pytest.approx(3 * num_layers * costs.cpu_s_per_layer_pass)
+    assert fast.timing["host_seconds"] == 0
+
+
+def test_fast_kernels_plan_less_loss_and_mask_memory():
+    eager = _plan(stream="all", gpu_budget_bytes=80 * GIB, kernels="eager", tokens=8192)
+    fused = _plan(stream="all", gpu_budget_bytes=80 * GIB, tokens=8192)
+    assert fused.gpu_bytes["activations_loss"] * 5 == eager.gpu_bytes["activations_loss"]
+    assert fused.gpu_bytes["activations_masks"] == 0 < eager.gpu_bytes["activations_masks"]
+    assert fused.gpu_peak_bytes < eager.gpu_peak_bytes
 
 
 def test_checkpointing_costs_a_recompute():

@@ -99,7 +99,8 @@ def run_streamtune(args: Any) -> list[StepResult]:
     def place(tokens: int) -> dict:
         plan = make_plan(config, codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
                          gpu_budget_bytes=budget, ring_slots=args.ring_slots, link=link,
-                         loss_chunk_tokens=args.loss_chunk_tokens, suggest=False)
+                         loss_chunk_tokens=args.loss_chunk_tokens, suggest=False,
+                         kernels=getattr(args, "kernels", "eager"))
         engine.set_streamed(plan.streamed_indices)
         engine.step_metrics()
         return {**host, "num_streamed": len(plan.streamed_indices), "predicted_step_s": plan.step_seconds,

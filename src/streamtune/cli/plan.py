@@ -36,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     p.add_argument("--stream", default="auto", choices=("auto", "all", "none"), help="streamed decoder layers")
     p.add_argument("--ring-slots", type=int, default=2, help="GPU ring slots for streamed layers")
     p.add_argument("--loss-chunk-tokens", type=int, default=1024, help="tokens per LM-head loss chunk")
+    p.add_argument("--kernels", default="auto", choices=("auto", "eager"),
+                   help="train.kernels: auto (fast path: fused loss, FlexAttention) or eager (stock HF)")
     p.add_argument("--gpu", metavar="NAME[,NAME]",
                    help=f"named speed profile instead of the measured one ({', '.join(sorted(GPU_PROFILES))}); two "
                         f"names (e.g. rtx4090,rtx-pro-2000) compare data parallel with a layer split over both GPUs")
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         gpu_budget_bytes=_size(args.gpu_memory, "--gpu-memory"),
         host_budget_bytes=host if host is not None else int(psutil.virtual_memory().total),
         stream=args.stream, ring_slots=args.ring_slots, loss_chunk_tokens=args.loss_chunk_tokens, gpu=args.gpu,
+        kernels=args.kernels,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))

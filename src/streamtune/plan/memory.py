@@ -7,7 +7,9 @@ Assumptions (each is one function, so the device benchmark can calibrate it):
   the backward recomputes one layer at a time, so only the worst layer's working set is live at once.
 - A fused expert parameter adapted by LoRA is folded by PEFT into a bf16 copy ``W + B@A`` on every forward
   and receives a full-size bf16 weight gradient in the backward.
-- The LM-head loss runs in chunks of ``loss_chunk_tokens`` with fp32 logits, their softmax and their gradient.
+- The LM-head loss runs in chunks of ``loss_chunk_tokens`` with fp32 logits, their softmax and their gradient;
+  the fused loss of the fast kernels (``train.kernels: auto``) keeps one chunk's logits and their gradient in
+  the compute dtype, and FlexAttention's block masks replace the dense ``tokens x tokens`` masks.
 - Resident decoder layers keep their weights on the GPU in the codec; with int8/nf4 they are decoded just in
   time into one shared bf16 workspace of the largest resident layer's size.
 - The CUDA context (0.5 GiB) lives outside torch's allocator; allocator slack is 5 % of the allocated peak.
@@ -26,6 +28,8 @@ ALLOCATOR_SLACK_FRACTION = 0.05
 # soft-capped logits, tanh's output and log-softmax's output, and the backward adds its gradients.
 # 3 under-counted: gemma4-26b-a4b at 2048 tokens ran out of a 24 GiB cap on an H200 (2026-11-28).
 LOGITS_COPIES = 5
+# bf16 [chunk, vocab] tensors of the fused loss at its peak: the logits and their gradient.
+FUSED_LOGITS_COPIES = 2
 HOST_RUNTIME_BYTES = 2 * GIB
 MASK_COPIES = 3
 
@@ -64,10 +68,11 @@ def lora_fold_bytes(layer: LayerSize) -> int:
     return layer.lora_folded_bytes + layer.lora_folded_max_bytes
 
 
-def attention_mask_bytes(model: ModelSize, tokens: int) -> int:
+def attention_mask_bytes(model: ModelSize, tokens: int, fused: bool = False) -> int:
     """Additive bf16 ``tokens x tokens`` masks built once per step when some layers use a sliding window
-    (three were measured for Gemma4 on the CPU); full causal attention alone uses none."""
-    sliding = any("sliding" in t for t in model.layer_types)
+    (three were measured for Gemma4 on the CPU); full causal attention alone uses none, nor do the block
+    masks of the fast path (``fused``: a few bytes per 128 x 128 block)."""
+    sliding = any("sliding" in t for t in model.layer_types) and not fused
     return MASK_COPIES * tokens * tokens * ACT_BYTES if sliding else 0
 
 
@@ -77,14 +82,18 @@ def layer_recompute_bytes(layer: LayerSize, tokens: int) -> int:
             + lora_fold_bytes(layer))
 
 
-def loss_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int) -> int:
-    """Chunked LM-head loss: fp32 logits of one chunk, their softmax and gradient (``chunk * vocab * 4 * 3``)."""
+def loss_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int, fused: bool = False) -> int:
+    """Chunked LM-head loss: ``LOGITS_COPIES`` fp32 ``[chunk, vocab]`` tensors, or with the ``fused`` loss
+    ``FUSED_LOGITS_COPIES`` in bf16."""
     chunk = min(tokens, loss_chunk_tokens)
+    if fused:
+        return chunk * model.vocab * ACT_BYTES * FUSED_LOGITS_COPIES
     return chunk * model.vocab * 4 * LOGITS_COPIES
 
 
-def activation_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int, checkpointing: bool) -> dict[str, int]:
-    """Activation components at ``tokens`` tokens per micro-batch.
+def activation_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int, checkpointing: bool,
+                     fused: bool = False) -> dict[str, int]:
+    """Activation components at ``tokens`` tokens per micro-batch (``fused``: the fast kernels' loss and masks).
 
     Returns:
         ``boundaries`` (kept layer inputs, or every layer's saved tensors without checkpointing),
@@ -100,8 +109,8 @@ def activation_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int, chec
     return {
         "boundaries": kept,
         "recompute": recompute,
-        "loss": loss_bytes(model, tokens, loss_chunk_tokens),
-        "masks": attention_mask_bytes(model, tokens),
+        "loss": loss_bytes(model, tokens, loss_chunk_tokens, fused),
+        "masks": attention_mask_bytes(model, tokens, fused),
     }
 
 
@@ -135,9 +144,9 @@ def decode_workspace_bytes(layers: list[LayerSize], codec: str) -> int:
 
 def gpu_components_bytes(
     model: ModelSize, resident: list[LayerSize], streamed: list[LayerSize], ring_slots: int, codec: str,
-    tokens: int, loss_chunk_tokens: int, checkpointing: bool,
+    tokens: int, loss_chunk_tokens: int, checkpointing: bool, kernels: str = "auto",
 ) -> dict[str, int]:
-    """Every GPU memory component of a step, in bytes (the peak is their sum)."""
+    """Every GPU memory component of a step, in bytes (the peak is their sum); ``kernels`` as ``train.kernels``."""
     parts = {
         "embeddings_head_norm": model.resident_other_bytes,
         "resident_layers": resident_layer_bytes(resident),
@@ -145,7 +154,8 @@ def gpu_components_bytes(
         "ring": ring_bytes(streamed, ring_slots, codec),
         "lora_state": lora_state_bytes(model),
     }
-    for key, value in activation_bytes(model, tokens, loss_chunk_tokens, checkpointing).items():
+    fused = kernels != "eager"
+    for key, value in activation_bytes(model, tokens, loss_chunk_tokens, checkpointing, fused).items():
         parts[f"activations_{key}"] = value
     parts["allocator_slack"] = int(sum(parts.values()) * ALLOCATOR_SLACK_FRACTION)
     parts["cuda_context"] = CUDA_CONTEXT_BYTES

@@ -215,6 +215,7 @@ class _Settings:
     stream: str
     ring_slots: int
     loss_chunk_tokens: int
+    kernels: str = "auto"
 
 
 def _groups(model: ModelSize, streamed: set[int]) -> list[dict[str, Any]]:
@@ -248,7 +249,7 @@ def _evaluate(model: ModelSize, s: _Settings, num_streamed: int) -> tuple[list[i
     resident = [layer for layer in model.layers if layer.index not in chosen]
     slots = min(s.ring_slots, len(streamed))
     gpu = memory.gpu_components_bytes(model, resident, streamed, slots, s.codec, s.tokens,
-                                      s.loss_chunk_tokens, s.checkpointing)
+                                      s.loss_chunk_tokens, s.checkpointing, s.kernels)
     return streamed_idx, slots, gpu
 
 
@@ -270,7 +271,7 @@ def _build(name: str, model: ModelSize, s: _Settings, gpu_budget_bytes: int, hos
     streamed_idx, slots, gpu = place_layers(model, s, gpu_budget_bytes)
     chosen = set(streamed_idx)
     streamed = [layer for layer in model.layers if layer.index in chosen]
-    compute = timing.compute_seconds(model, s.tokens, s.lora_rank, s.codec, s.checkpointing, link)
+    compute = timing.compute_seconds(model, s.tokens, s.lora_rank, s.codec, s.checkpointing, link, s.kernels)
     transfer = timing.transfer_seconds(streamed, slots, link)
     estimate = timing.step_estimate(compute, transfer, s.tokens)
     estimate.update({f"compute_{k}_seconds": v for k, v in compute.items()})
@@ -294,6 +295,7 @@ def make_plan(
     gradient_checkpointing: bool = True, gpu_budget_bytes: int | None = None, host_budget_bytes: int | None = None,
     stream: str = "auto", ring_slots: int = 2, loss_chunk_tokens: int = 1024, link: LinkProfile | None = None,
     gpu: str | None = None, trust_remote_code: bool = False, suggest: bool = True, local_ranks: int = 1,
+    kernels: str = "auto",
 ) -> Plan:
     """Plan a LoRA run of ``model`` without loading weights (the model is sized on ``meta``).
 
@@ -316,6 +318,8 @@ def make_plan(
         suggest: when it does not fit, re-plan with each knob changed and list the ones that fit.
         local_ranks: processes on this host (torchrun ``--nproc-per-node``); they share one host copy
             of the weights, so the host line counts it once and the runtime once per rank.
+        kernels: ``train.kernels``: ``auto`` (the fast path: fused loss, block masks, FlexAttention) or
+            ``eager`` (the stock HF path); memory and step time follow it.
 
     Returns:
         The :class:`Plan`; call ``plan.check()`` to refuse a run that would not fit.
@@ -328,7 +332,8 @@ def make_plan(
     budget = int(gpu_budget_bytes) if gpu_budget_bytes is not None else link.gpu_memory_bytes
     name, config, meta = _meta(model, trust_remote_code)
     targets = _targets(config, lora_targets)
-    settings = _Settings(codec, tokens, lora_rank, gradient_checkpointing, stream, ring_slots, loss_chunk_tokens)
+    settings = _Settings(codec, tokens, lora_rank, gradient_checkpointing, stream, ring_slots, loss_chunk_tokens,
+                         kernels)
     sized = size_model(config, codec, lora_rank, targets, list(lora_target_parameters), model=meta, name=name)
     plan = _build(name, sized, settings, budget, host_budget_bytes, link, local_ranks)
     if suggest and not plan.fits:
@@ -337,7 +342,7 @@ def make_plan(
             lora_target_parameters=lora_target_parameters, gradient_checkpointing=gradient_checkpointing,
             gpu_budget_bytes=budget, host_budget_bytes=host_budget_bytes, stream=stream, ring_slots=ring_slots,
             loss_chunk_tokens=loss_chunk_tokens, link=link, trust_remote_code=trust_remote_code, suggest=False,
-            local_ranks=local_ranks))
+            local_ranks=local_ranks, kernels=kernels))
     return plan
 
 
@@ -403,5 +408,5 @@ def plan_for_run(cfg: Any, link: LinkProfile | None = None, gpu_budget_bytes: in
         gradient_checkpointing=mem.gradient_checkpointing, gpu_budget_bytes=gpu_budget,
         host_budget_bytes=host_budget, stream=mem.stream, ring_slots=mem.ring_slots,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens, link=link, trust_remote_code=cfg.model.trust_remote_code,
-        local_ranks=local_ranks,
+        local_ranks=local_ranks, kernels=cfg.train.kernels,
     )

@@ -89,8 +89,10 @@ def format_table(plan: Plan, shortfall: bool = True) -> str:
     lines.append(f"    {'host peak / budget':<52}{gib(plan.host_peak_bytes):>14} / {budget}  {verdict}")
     lines += [
         "",
-        f"  step: forward compute {t['compute_forward_seconds']:.3f} s vs transfer {t['transfer_forward_seconds']:.3f} s;"
-        f" backward compute {t['compute_backward_seconds']:.3f} s vs transfer {t['transfer_backward_seconds']:.3f} s",
+        f"  step: forward GPU {t['compute_forward_seconds']:.3f} s, host {t.get('compute_cpu_forward_seconds', 0):.3f} s,"
+        f" transfer {t['transfer_forward_seconds']:.3f} s; backward GPU {t['compute_backward_seconds']:.3f} s,"
+        f" host {t.get('compute_cpu_backward_seconds', 0):.3f} s, transfer {t['transfer_backward_seconds']:.3f} s"
+        f" (each pass takes the longest)",
         f"  predicted step {plan.step_seconds:.3f} s, {plan.tokens_per_second:,.0f} tokens/s, "
         f"limited by {plan.limited_by}",
     ]

@@ -13,14 +13,19 @@ top_k / num_experts of the experts). Per step, with LoRA the frozen base needs n
 - LoRA's own matmuls: 2 x LoRA params x tokens per pass (an upper bound for fused-parameter adapters).
 - LM head: 2 x hidden x vocab per token forward, the same again for its input gradient.
 
-A layer pass takes max(FLOPs / matmul speed, weight bytes read / HBM speed) plus a fixed overhead
-(``LAYER_PASS_OVERHEAD_S``): at small token counts the expert weights make MoE layers memory-bound, and
-expert GEMMs run at ``EXPERT_MATMUL_EFFICIENCY`` of the matmul speed. int8/nf4 add one dequantisation of every layer per pass
-(forward; recompute + backward share one). Per pass, step time is max(compute, streamed bytes / H2D):
-streamed layers are spread between resident ones, so copies overlap compute.
+A layer pass takes max(FLOPs / matmul speed, weight bytes read / HBM speed) on the GPU, plus the kernel
+mode's elementwise time per token and fixed time per pass (:class:`KernelCosts`): at small token counts
+the expert weights make MoE layers memory-bound, and expert GEMMs run at ``EXPERT_MATMUL_EFFICIENCY`` of
+the matmul speed. int8/nf4 add one dequantisation of every layer per pass (forward; recompute + backward
+share one). The host needs ``cpu_s_per_layer_pass`` to issue a layer pass (Python, dispatch, launches):
+with the fast kernels a short step waits on the CPU, not on the GPU. Per pass, step time is
+max(GPU compute, CPU issue, streamed bytes / H2D): streamed layers are spread between resident ones, so
+copies overlap compute.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from streamtune.plan.profiles import LinkProfile
 from streamtune.plan.sizing import LayerSize, ModelSize
@@ -38,15 +43,50 @@ EXPERT_MATMUL_EFFICIENCY = 0.25
 ATTENTION_EFFICIENCY = 0.045
 
 
-def attention_flops(layer: LayerSize, tokens: int) -> float:
+@dataclass(frozen=True)
+class KernelCosts:
+    """What a kernel mode (``train.kernels``) costs beyond the matmul roofline, per decoder layer pass.
+
+    Attributes:
+        attention_efficiency: share of the matmul speed the attention products reach.
+        gpu_s_per_layer_pass: fixed GPU time of one layer pass (small kernels, routing).
+        elementwise_s_per_token: GPU time per token of one layer pass's norms, activations, residuals and
+            casts, at the calibration card's memory speed (scaled by ``hbm_gbps``).
+        cpu_s_per_layer_pass: host time to issue one layer pass.
+    """
+
+    attention_efficiency: float
+    gpu_s_per_layer_pass: float
+    elementwise_s_per_token: float
+    cpu_s_per_layer_pass: float
+
+
+# eager: the 2026-11-28 fit above (fixed time on the GPU side, nothing separate for the CPU).
+# fast: FlexAttention, fused loss, compute-dtype LoRA; fitted on an H200 to the profile of the 26B preset
+# (benchmarks/profile_step.py, int8, 2048 and 8192 tokens, 2026-11-30; see CALIBRATION_HBM_GBPS).
+KERNEL_COSTS = {
+    "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
+    "fast": KernelCosts(attention_efficiency=0.12, gpu_s_per_layer_pass=0.0005, elementwise_s_per_token=1.0e-6,
+                        cpu_s_per_layer_pass=0.0071),
+}
+CALIBRATION_HBM_GBPS = 3900.0
+
+
+def kernel_costs(kernels: str) -> KernelCosts:
+    """The costs of ``train.kernels``: ``eager``, or the fast path (``auto``/``fast``)."""
+    return KERNEL_COSTS["eager" if kernels == "eager" else "fast"]
+
+
+def attention_flops(layer: LayerSize, tokens: int, efficiency: float = ATTENTION_EFFICIENCY) -> float:
     """Score and value matmul FLOPs of one forward of one layer's attention, in matmul-speed equivalents."""
     context = tokens / 2
     if layer.shape.window:
         context = min(context, layer.shape.window)
-    return 4.0 * tokens * context * layer.shape.q_width / ATTENTION_EFFICIENCY
+    return 4.0 * tokens * context * layer.shape.q_width / efficiency
 
 
-def layer_flops(layer: LayerSize, tokens: int, rank: int) -> dict[str, float]:
+def layer_flops(layer: LayerSize, tokens: int, rank: int,
+                attention_efficiency: float = ATTENTION_EFFICIENCY) -> dict[str, float]:
     """Matmul-speed-equivalent FLOPs of one layer per pass: ``forward`` (also the recompute) and ``backward``.
 
     Expert FLOPs are divided by ``EXPERT_MATMUL_EFFICIENCY`` (grouped GEMMs of ~tokens x top_k / E rows
@@ -56,7 +96,7 @@ def layer_flops(layer: LayerSize, tokens: int, rank: int) -> dict[str, float]:
     expert_share = s.top_k / s.num_experts if s.num_experts else 0.0
     expert_active = s.expert_params * expert_share / EXPERT_MATMUL_EFFICIENCY
     active = s.attention_params + s.dense_params + s.router_params + expert_active
-    attention = attention_flops(layer, tokens)
+    attention = attention_flops(layer, tokens, attention_efficiency)
     folded_params = layer.lora_folded_bytes / 2
     fold = 2.0 * rank * folded_params
     linear_lora = 2.0 * layer.lora_params * tokens
@@ -72,12 +112,16 @@ def layer_pass_seconds(flops: float, bytes_read: float, link: LinkProfile) -> fl
 
 
 def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkpointing: bool,
-                    link: LinkProfile) -> dict[str, float]:
-    """GPU time of the ``forward`` and ``backward`` passes and the ``optimizer`` step, in seconds."""
+                    link: LinkProfile, kernels: str = "auto") -> dict[str, float]:
+    """GPU time of the ``forward`` and ``backward`` passes and the ``optimizer`` step, and the host time to
+    issue each pass (``cpu_forward``, ``cpu_backward``), in seconds."""
+    costs = kernel_costs(kernels)
     forward = backward = 0.0
     dequant = link.dequant_gbps_for(codec) * GB
+    elementwise = costs.elementwise_s_per_token * tokens * CALIBRATION_HBM_GBPS / link.hbm_gbps
+    per_pass = costs.gpu_s_per_layer_pass + elementwise
     for layer in model.layers:
-        flops = layer_flops(layer, tokens, rank)
+        flops = layer_flops(layer, tokens, rank, costs.attention_efficiency)
         weights = layer.plain_bytes
         fold_bytes = 2.0 * layer.lora_folded_bytes
         decode = sum(t.plain_bytes for t in layer.tensors if t.compressed) / dequant
@@ -85,14 +129,17 @@ def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkp
         backward += layer_pass_seconds(flops["backward"], weights + 2 * fold_bytes, link) + decode
         if checkpointing:
             backward += layer_pass_seconds(flops["forward"], weights + fold_bytes, link)
-        forward += LAYER_PASS_OVERHEAD_S
-        backward += LAYER_PASS_OVERHEAD_S * (2 if checkpointing else 1)
+        forward += per_pass
+        backward += per_pass * (2 if checkpointing else 1)
     head_flops = 2.0 * model.hidden * model.vocab * tokens
     head_bytes = model.hidden * model.vocab * 2
     forward += layer_pass_seconds(head_flops, head_bytes, link)
     backward += layer_pass_seconds(head_flops, head_bytes, link)
     optimizer = model.lora_params * 16 * 2 / (link.hbm_gbps * GB)
-    return {"forward": forward, "backward": backward, "optimizer": optimizer}
+    cpu_forward = costs.cpu_s_per_layer_pass * model.num_layers
+    cpu_backward = cpu_forward * (2 if checkpointing else 1)
+    return {"forward": forward, "backward": backward, "optimizer": optimizer, "cpu_forward": cpu_forward,
+            "cpu_backward": cpu_backward}
 
 
 def transfer_seconds(streamed: list[LayerSize], ring_slots: int, link: LinkProfile) -> dict[str, float]:
@@ -106,15 +153,17 @@ def transfer_seconds(streamed: list[LayerSize], ring_slots: int, link: LinkProfi
 
 
 def step_estimate(compute: dict[str, float], transfer: dict[str, float], tokens: int) -> dict[str, float | str]:
-    """Step time (per pass max of compute and transfer), tokens/s and the limiting side."""
+    """Step time (per pass max of GPU compute, host issue and transfer), tokens/s and the limiting side."""
     passes = ("forward", "backward")
-    step = sum(max(compute[p], transfer[p]) for p in passes) + compute["optimizer"]
-    compute_total = sum(compute[p] for p in passes)
-    transfer_total = sum(transfer[p] for p in passes)
+    cpu = {p: compute.get(f"cpu_{p}", 0.0) for p in passes}
+    step = sum(max(compute[p], cpu[p], transfer[p]) for p in passes) + compute["optimizer"]
+    sides = {"compute": sum(compute[p] for p in passes), "transfer": sum(transfer[p] for p in passes),
+             "host": sum(cpu.values())}
     return {
         "step_seconds": step,
         "tokens_per_second": tokens / step if step > 0 else 0.0,
-        "limited_by": "transfer" if transfer_total > compute_total else "compute",
-        "compute_seconds": compute_total + compute["optimizer"],
-        "transfer_seconds": transfer_total,
+        "limited_by": max(sides, key=sides.get),
+        "compute_seconds": sides["compute"] + compute["optimizer"],
+        "transfer_seconds": sides["transfer"],
+        "host_seconds": sides["host"],
     }
