@@ -121,7 +121,7 @@ def _project(experts: Any, name: str, x: Any, sorted_ids: Any, offsets: Any, lor
     weight = weight if getattr(experts, "is_transposed", False) else weight.transpose(-2, -1)
     out = grouped_matmul(x.to(weight.dtype), weight, offsets, use_kernel)
     if getattr(experts, "has_bias", False):
-        out = out + getattr(experts, f"{name}_bias")[sorted_ids]
+        out = out + getattr(experts, f"{name}_bias").index_select(0, sorted_ids)
     if name in lora:
         out = out + low_rank(x.to(out.dtype), lora[name], offsets, use_kernel).to(out.dtype)
     return out
@@ -151,16 +151,15 @@ def experts_forward(experts: Any, hidden_states: Any, top_k_index: Any, top_k_we
     """
     num_tokens, num_top_k = top_k_index.shape
     sorted_ids, perm, offsets = route(top_k_index, experts.num_experts)
-    x = hidden_states[perm // num_top_k]
+    x = hidden_states.index_select(0, perm // num_top_k)
     has_gate = getattr(experts, "has_gate", True)
     up_name = "gate_up_proj" if has_gate else "up_proj"
     proj = _project(experts, up_name, x, sorted_ids, offsets, lora, use_kernel)
     proj = _gate(experts, proj) if has_gate else experts.act_fn(proj)
     proj = _project(experts, "down_proj", proj, sorted_ids, offsets, lora, use_kernel)
-    weighted = proj * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    out = weighted[inverse].view(num_tokens, num_top_k, -1).sum(dim=1)
+    weighted = proj * top_k_weights.reshape(-1).index_select(0, perm).unsqueeze(-1)
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    out = weighted.index_select(0, inverse).view(num_tokens, num_top_k, -1).sum(dim=1)
     return out.to(hidden_states.dtype)
 
 
