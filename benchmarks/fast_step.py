@@ -14,6 +14,9 @@ cosine) and times forward + backward with CUDA synchronisation (median of ``--re
   weights, resident, LoRA r=16 on attention + dense MLP, HF non-reentrant gradient checkpointing:
   ``train.kernels=eager`` vs ``auto`` (loss, gradient cosine per LoRA tensor, step time, peak,
   kernel launches and the profile categories of notes/profile-categories.md).
+- ``experts``: one experts module of the preset (26B: 128 experts, top-8) with expert LoRA
+  (``--expert-rank``) at each ``--expert-tokens``: PEFT ``target_parameters`` vs
+  :mod:`streamtune.kernels.experts`; time, peak, host syncs (benchmarks/fast_step_experts.py).
 
 Usage (on a GPU): python benchmarks/fast_step.py --out benchmarks/results/fast_step.json
 """
@@ -335,6 +338,12 @@ def _compare(result: dict[str, Any]) -> dict[str, Any]:
             "speedup": eager["s"] / fast["s"]}
 
 
+def _preset(args: argparse.Namespace) -> Any:
+    from streamtune.bench.common import bench_config
+
+    return bench_config(args.preset, args.num_layers)
+
+
 def _decoder(model: Any) -> Any:
     from streamtune.models import decoder
 
@@ -371,22 +380,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pieces", default="loss,lora,attn-sliding,attn-full,model")
+    parser.add_argument("--expert-tokens", default="2048,8192", help="token counts of the experts piece")
+    parser.add_argument("--expert-rank", type=int, default=16)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     props = torch.cuda.get_device_properties(0)
     report: dict[str, Any] = {"device": props.name, "capability": list(torch.cuda.get_device_capability()),
                               "torch": torch.__version__, "args": vars(args), "pieces": {}}
-    model, adapter = build(args)
+    from fast_step_experts import piece_experts
+
+    pieces = args.pieces.split(",")
+    model, adapter = build(args) if set(pieces) - {"experts", "loss"} else (None, None)
     runners = {
-        "loss": lambda: piece_loss(args, _decoder(model).config),
+        "loss": lambda: piece_loss(args, _decoder(model).config if model is not None else _preset(args)),
         "lora": lambda: piece_lora(args, model),
         "attn-sliding": lambda: piece_attention(args, model, "sliding_attention"),
         "attn-full": lambda: piece_attention(args, model, "full_attention"),
         "model": lambda: piece_model(args, model, adapter),
         "model-fp32": lambda: piece_model_fp32(args, model, adapter),
+        "experts": lambda: piece_experts(args),
     }
-    for name in args.pieces.split(","):
+    for name in pieces:
         started = time.perf_counter()
         try:
             report["pieces"][name] = runners[name]()
@@ -411,6 +426,11 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | error: {piece['error'][:80]} | | | | |")
             continue
         cos = piece.get("grad_cosine", piece.get("grad_cosine_min"))
+        for run in piece.get("runs", [])[:-1]:  # the experts piece: one row per token count, the last below
+            lines.append(f"| {name} {run['tokens']} | {run['eager']['s'] * 1e3:.1f} | {run['fast']['s'] * 1e3:.1f} | "
+                         f"{run['speedup']:.2f}x | {run['out_rel_err']:.2e} | {run['grad_cosine_min']:.5f} |")
+        if piece.get("runs"):
+            name = f"{name} {piece['runs'][-1]['tokens']}"
         lines.append(f"| {name} | {piece['eager']['s'] * 1e3:.1f} | {piece['fast']['s'] * 1e3:.1f} | "
                      f"{piece['speedup']:.2f}x | {piece['loss_rel_err']:.2e} | {cos:.5f} |")
     return "\n".join(lines)

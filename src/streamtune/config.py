@@ -132,7 +132,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
     kernels: str = _f("auto", "auto: fast kernels where the device supports them (bf16 LoRA products, fused "
-                      "soft-capped linear+CE, FlexAttention on CUDA); eager: the stock HF/PEFT path.")
+                      "soft-capped linear+CE, FlexAttention on CUDA, expert LoRA as grouped low-rank products); "
+                      "eager: the stock HF/PEFT path.")
 
 
 @dataclass

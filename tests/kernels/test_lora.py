@@ -75,7 +75,7 @@ def test_bf16_layer_keeps_fp32_master_weights_and_computes_in_bf16():
 def test_apply_kernels_patches_bf16_lora_only_when_selected():
     model, adapter = _lora_model("tiny-qwen3-moe", torch.bfloat16)
     applied = apply_kernels(model, select_kernels("eager", "cpu", "bfloat16"))
-    assert applied == {"lora_layers": 0, "attention": None}
+    assert applied == {"lora_layers": 0, "attention": None, "expert_lora_modules": 0}
     applied = apply_kernels(model, select_kernels("auto", "cpu", "bfloat16"))
     assert applied["lora_layers"] == 4 * model.config.num_hidden_layers
     reset()

@@ -1,8 +1,8 @@
 """The fast training path: kernels chosen per device, the stock HF path as the reference.
 
 ``train.kernels=auto`` applies, where the device supports them, LoRA in the compute dtype
-(:mod:`.lora`), the fused linear + soft-capped cross-entropy (:mod:`.linear_ce`) and FlexAttention
-with block masks (:mod:`.attention`); ``eager`` keeps every stock HF/PEFT code path.
+(:mod:`.lora`), the fused linear + soft-capped cross-entropy (:mod:`.linear_ce`), FlexAttention
+with block masks (:mod:`.attention`) and expert LoRA as grouped low-rank products (:mod:`.experts`); ``eager`` keeps every stock HF/PEFT code path.
 Importing this package imports no torch.
 """
 
@@ -22,13 +22,17 @@ def apply_kernels(model: Any, choice: KernelChoice) -> dict[str, Any]:
     The loss kernel is not a module patch: pass ``choice`` to :func:`streamtune.train.loss.lm_loss_sum`.
 
     Returns:
-        What was applied: ``{"lora_layers": n, "attention": name or None}``.
+        What was applied: ``{"lora_layers": n, "attention": name or None, "expert_lora_modules": n}``.
     """
-    applied: dict[str, Any] = {"lora_layers": 0, "attention": None}
+    applied: dict[str, Any] = {"lora_layers": 0, "attention": None, "expert_lora_modules": 0}
     if choice.lora_compute_dtype:
         from streamtune.kernels.lora import use_compute_dtype_lora
 
         applied["lora_layers"] = use_compute_dtype_lora(model)
+    if choice.expert_lora:
+        from streamtune.kernels.experts import use_fast_expert_lora
+
+        applied["expert_lora_modules"] = use_fast_expert_lora(model, choice.expert_lora)
     if choice.flex_attention:
         from streamtune.kernels.attention import FLEX_NAME, use_flex_attention
         from streamtune.models import unwrap

@@ -11,6 +11,10 @@ where it applies and falls back to the stock path where it does not:
 - FlexAttention: CUDA only (it has no CPU backward). The default Triton configs need more shared
   memory than a head_dim-512 layer can have; smaller ``kernel_options`` are chosen per capability.
 - ``torch._grouped_mm``: the fast path exists on sm90 / sm100 only.
+- Expert LoRA (``lora.target_parameters`` on fused experts) as its own grouped low-rank product:
+  every device. Route ``grouped_mm`` (no host sync) on CUDA sm80+ (``torch._grouped_mm`` runs
+  there, as a per-expert loop inside it below sm90), ``loop`` (exact, one offsets read per
+  product) on the CPU and older cards.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class KernelChoice:
         flex_attention: attention through compiled FlexAttention with block masks.
         grouped_mm: ``torch._grouped_mm`` has a fast path on this device.
         flex_options: FlexAttention ``kernel_options`` per head dim (absent: the defaults).
+        expert_lora: route of the expert-LoRA forward (``grouped_mm`` or ``loop``); None: PEFT's.
     """
 
     mode: str = "eager"
@@ -61,6 +66,7 @@ class KernelChoice:
     flex_attention: bool = False
     grouped_mm: bool = False
     flex_options: dict[int, dict[str, int]] = field(default_factory=dict)
+    expert_lora: str | None = None
 
     def kernel_options(self, head_dim: int) -> dict[str, int] | None:
         """FlexAttention ``kernel_options`` for a layer of ``head_dim`` (None: Triton's defaults)."""
@@ -76,6 +82,7 @@ class KernelChoice:
             "capability": list(self.capability) if self.capability else None,
             "lora_compute_dtype": self.lora_compute_dtype, "fused_linear_ce": self.fused_linear_ce,
             "compile_loss": self.compile_loss, "flex_attention": self.flex_attention, "grouped_mm": self.grouped_mm,
+            "expert_lora": self.expert_lora,
         }
 
 
@@ -113,7 +120,7 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
     low_precision = compute_dtype != "float32"
     if device_type != "cuda":
         return KernelChoice(mode=mode, device_type=device_type, lora_compute_dtype=low_precision,
-                            fused_linear_ce=True)
+                            fused_linear_ce=True, expert_lora="loop")
     if capability is None:
         raise ValueError("select_kernels: a CUDA device needs its compute capability")
     capability = (int(capability[0]), int(capability[1]))
@@ -123,6 +130,7 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
         mode=mode, device_type=device_type, capability=capability, lora_compute_dtype=low_precision,
         fused_linear_ce=True, compile_loss=True, flex_attention=flex,
         grouped_mm=capability in _LARGE_SMEM_CAPABILITIES, flex_options=flex_options_for(capability) if flex else {},
+        expert_lora="grouped_mm" if capability >= (8, 0) else "loop",
     )
 
 

@@ -1,0 +1,252 @@
+"""Expert LoRA as its own grouped low-rank product, with routing that never waits on the host.
+
+PEFT's ``target_parameters`` (``ParamWrapper``) adapts a fused expert parameter ``W [E, out, in]``
+by registering a parametrization that rebuilds ``W + scale * B_e @ A_e`` for every expert on every
+forward (a second copy of the whole expert stack, ~1.5 GB per layer of the 26B preset; and
+``register_parametrization`` evaluates it once more to check its shape). Here the experts module
+computes, for the tokens sorted by expert, ``x @ W_e^T`` from the frozen weight as it is bound at
+call time (the engine may have just decoded it into a workspace) plus
+``scale * (x @ A_e^T) @ B_e^T`` as two grouped products of rank ``r``: the merged weight never
+exists. The LoRA tensors stay PEFT's parameters (names, shapes, init): adapters are unchanged.
+
+Routing is sort + ``searchsorted`` offsets on the device: no ``nonzero``, ``.item()``,
+``tolist`` or per-expert Python loop on the ``grouped_mm`` route (the stock ``eager`` experts
+implementation syncs once per hit expert, its ``grouped_mm`` fallback once per product).
+The ``loop`` route (CPU, or CUDA without ``torch._grouped_mm``) reads the offsets once per product.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+from streamtune.kernels.counters import count
+
+_PATCH_FLAG = "_streamtune_fast_expert_lora"
+ROUTES = ("grouped_mm", "loop")
+# grouped_mm needs 16-byte aligned strides: the rank is zero-padded to a multiple of this (bf16).
+_RANK_MULTIPLE = 8
+# Fused expert parameters this forward knows how to compute (transformers' experts interface).
+_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; makes the incoming gradient contiguous (``_grouped_mm``'s backward needs it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any) -> Any:
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        return grad.contiguous()
+
+
+def route(top_k_index: Any, num_experts: int) -> tuple[Any, Any, Any]:
+    """Sort the ``(token, k)`` pairs by expert on the device.
+
+    Args:
+        top_k_index: ``[tokens, k]`` expert ids.
+        num_experts: ``E``.
+
+    Returns:
+        ``(sorted_ids [S], perm [S], offsets [E] int32)``: ``perm // k`` is each sorted row's token;
+        ``offsets[e]`` is the end of expert ``e``'s rows (cumulative counts).
+    """
+    sorted_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+    bounds = torch.arange(1, num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)
+    return sorted_ids, perm, offsets
+
+
+def _grouped_kernel(x: Any, weight: Any, offsets: Any) -> Any:
+    fn = getattr(torch.nn.functional, "grouped_mm", None)
+    out = fn(x, weight, offs=offsets) if fn is not None else torch._grouped_mm(x, weight, offs=offsets)
+    return _ContiguousGrad.apply(out)
+
+
+def grouped_matmul(x: Any, weight: Any, offsets: Any, use_kernel: bool) -> Any:
+    """Rows of ``x`` (sorted by expert) times their expert's ``weight[e]``: ``[S, in] x [E, in, out]``.
+
+    ``use_kernel``: one ``torch._grouped_mm`` (no host sync); otherwise a loop over the experts
+    that reads ``offsets`` once (exact, any device and dtype).
+    """
+    if use_kernel:
+        return _grouped_kernel(x, weight, offsets)
+    pieces, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            pieces.append(x[start:end] @ weight[expert])
+        start = end
+    if not pieces:
+        return x.new_zeros(x.shape[0], weight.shape[-1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def lora_factors(wrapper: Any, adapter: str, dtype: Any) -> tuple[Any, Any, float]:
+    """``(A [E, r, in], B [E, out, r], scale)`` of a PEFT ``ParamWrapper`` in ``dtype``.
+
+    PEFT stores ``lora_A.weight`` as ``[E*r, in]`` (expert-major rows) and ``lora_B.weight`` as
+    ``[out, r*E]`` (expert-minor columns); the delta of expert ``e`` is ``B_e @ A_e`` in the
+    ``[out, in]`` orientation of a weight used as ``x @ W_e^T``.
+    """
+    num_experts = wrapper.num_experts
+    weight_a = wrapper.lora_A[adapter].weight
+    weight_b = wrapper.lora_B[adapter].weight
+    factor_a = weight_a.to(dtype).reshape(num_experts, -1, weight_a.shape[-1])
+    factor_b = weight_b.to(dtype).reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1).contiguous()
+    return factor_a, factor_b, wrapper.scaling[adapter]
+
+
+def low_rank(x: Any, factors: list[tuple[Any, Any, float]], offsets: Any, use_kernel: bool) -> Any:
+    """``sum over adapters of scale * (x @ A_e^T) @ B_e^T`` for sorted rows, as grouped products."""
+    total = None
+    for factor_a, factor_b, scale in factors:
+        rank = factor_a.shape[1]
+        if use_kernel and rank % _RANK_MULTIPLE:
+            pad = _RANK_MULTIPLE - rank % _RANK_MULTIPLE
+            factor_a = torch.nn.functional.pad(factor_a, (0, 0, 0, pad))
+            factor_b = torch.nn.functional.pad(factor_b, (0, pad))
+        reduced = grouped_matmul(x, factor_a.transpose(-2, -1), offsets, use_kernel) * scale
+        update = grouped_matmul(reduced, factor_b.transpose(-2, -1), offsets, use_kernel)
+        total = update if total is None else total + update
+    return total
+
+
+def _project(experts: Any, name: str, x: Any, sorted_ids: Any, offsets: Any, lora: dict, use_kernel: bool) -> Any:
+    """``x @ W_e^T (+ bias_e) + low-rank update`` for the fused parameter ``name``, sorted rows."""
+    weight = getattr(experts, name)  # read now: the engine binds streamed weights just before the forward
+    weight = weight if getattr(experts, "is_transposed", False) else weight.transpose(-2, -1)
+    out = grouped_matmul(x.to(weight.dtype), weight, offsets, use_kernel)
+    if getattr(experts, "has_bias", False):
+        out = out + getattr(experts, f"{name}_bias").index_select(0, sorted_ids)
+    if name in lora:
+        out = out + low_rank(x.to(out.dtype), lora[name], offsets, use_kernel).to(out.dtype)
+    return out
+
+
+def _gate(experts: Any, gate_up: Any) -> Any:
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def experts_forward(experts: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any,
+                    lora: dict[str, list[tuple[Any, Any, float]]], use_kernel: bool) -> Any:
+    """A fused-experts module's forward with LoRA on its parameters as separate low-rank products.
+
+    Args:
+        experts: a transformers experts module (3-D ``gate_up_proj``/``up_proj`` and ``down_proj``).
+        hidden_states: ``[tokens, hidden]``.
+        top_k_index: ``[tokens, k]`` expert ids; top_k_weights: ``[tokens, k]`` routing weights.
+        lora: parameter name -> ``[(A, B, scale), ...]`` (see :func:`lora_factors`).
+        use_kernel: grouped products through ``torch._grouped_mm``.
+
+    Returns:
+        ``[tokens, hidden]`` in ``hidden_states.dtype`` (routing sum in the weights' dtype, as in
+        transformers' ``grouped_mm`` implementation).
+    """
+    num_tokens, num_top_k = top_k_index.shape
+    sorted_ids, perm, offsets = route(top_k_index, experts.num_experts)
+    x = hidden_states.index_select(0, perm // num_top_k)
+    has_gate = getattr(experts, "has_gate", True)
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    proj = _project(experts, up_name, x, sorted_ids, offsets, lora, use_kernel)
+    proj = _gate(experts, proj) if has_gate else experts.act_fn(proj)
+    proj = _project(experts, "down_proj", proj, sorted_ids, offsets, lora, use_kernel)
+    weighted = proj * top_k_weights.reshape(-1).index_select(0, perm).unsqueeze(-1)
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    out = weighted.index_select(0, inverse).view(num_tokens, num_top_k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
+def _chain(wrapper: Any) -> tuple[list[Any], Any]:
+    """The nested ``ParamWrapper``s from ``wrapper`` inwards, and the experts module they wrap."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    chain, module = [], wrapper
+    while isinstance(module, ParamWrapper):
+        chain.append(module)
+        module = module.base_layer
+    return chain, module
+
+
+def _supported(experts: Any, chain: list[Any]) -> bool:
+    """Experts this forward computes exactly what the stock module + PEFT compute."""
+    params = dict(experts.named_parameters(recurse=False))
+    return (hasattr(experts, "num_experts") and "down_proj" in params
+            and all(w.parameter_name in _EXPERT_PARAMS and w.num_experts == experts.num_experts for w in chain)
+            and not getattr(experts, "has_post_expert_norm", False)
+            and not getattr(experts, "_is_expert_parallel", False))
+
+
+def _collect_lora(chain: list[Any], dtype: Any) -> dict[str, list[tuple[Any, Any, float]]] | None:
+    """LoRA factors per parameter name, or None where PEFT's own path must run (merged, disabled)."""
+    lora: dict[str, list[tuple[Any, Any, float]]] = {}
+    for wrapper in chain:
+        if wrapper.disable_adapters or wrapper.merged:
+            return None
+        for adapter in wrapper.active_adapters:
+            if adapter in wrapper.lora_A:
+                lora.setdefault(wrapper.parameter_name, []).append(lora_factors(wrapper, adapter, dtype))
+    return lora
+
+
+def _use_kernel(route_name: str, x: Any) -> bool:
+    if route_name != "grouped_mm" or not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type != "cuda" or x.dtype == torch.bfloat16
+
+
+def fast_expert_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Bound to the outermost ``ParamWrapper`` of an experts module: :func:`experts_forward`."""
+    chain, experts = _chain(self)
+    lora = _collect_lora(chain, x.dtype) if len(args) == 2 and not kwargs else None
+    if lora is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    use_kernel = _use_kernel(getattr(self, _PATCH_FLAG), x)
+    count("expert_lora")
+    count("expert_lora_grouped_mm" if use_kernel else "expert_lora_loop")
+    return experts_forward(experts, x, args[0], args[1], lora, use_kernel)
+
+
+def use_fast_expert_lora(model: Any, route_name: str) -> int:
+    """Bind :func:`fast_expert_lora_forward` to each experts module's outermost PEFT ``ParamWrapper``.
+
+    Args:
+        model: a PEFT model (``lora.target_parameters`` on fused experts, or none).
+        route_name: ``grouped_mm`` (``torch._grouped_mm`` where it runs, bf16 on CUDA) or ``loop``.
+
+    Returns:
+        The number of experts modules patched (0 when no fused expert parameter has LoRA).
+
+    Raises:
+        ValueError: unknown ``route_name``.
+    """
+    if route_name not in ROUTES:
+        raise ValueError(f"use_fast_expert_lora: route {route_name!r} is not one of {', '.join(ROUTES)}")
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(w.base_layer) for w in wrappers}
+    patched = 0
+    for wrapper in wrappers:
+        chain, experts = _chain(wrapper)
+        if id(wrapper) in inner or not _supported(experts, chain):
+            continue
+        if not getattr(wrapper, _PATCH_FLAG, None):
+            patched += 1
+        wrapper.forward = types.MethodType(fast_expert_lora_forward, wrapper)
+        setattr(wrapper, _PATCH_FLAG, route_name)
+    return patched
+
+
+def restore_stock_expert_lora(model: Any) -> None:
+    """Undo :func:`use_fast_expert_lora` (PEFT's ``ParamWrapper`` forward again)."""
+    for module in model.modules():
+        if getattr(module, _PATCH_FLAG, None):
+            del module.forward
+            setattr(module, _PATCH_FLAG, None)
