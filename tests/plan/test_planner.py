@@ -130,13 +130,18 @@ def test_checkpointing_costs_a_recompute():
     assert on.gpu_peak_bytes < off.gpu_peak_bytes
 
 
-def test_expert_lora_adds_state_and_fold_memory():
+def test_expert_lora_adds_state_and_fold_memory_only_when_eager():
     base = _plan(codec="nf4", gpu_budget_bytes=80 * GIB)
     experts = _plan(codec="nf4", gpu_budget_bytes=80 * GIB,
                     lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     assert experts.lora_trainable_params > 20 * base.lora_trainable_params
     assert experts.gpu_bytes["lora_state"] == 16 * experts.lora_trainable_params
-    assert experts.gpu_bytes["activations_recompute"] > base.gpu_bytes["activations_recompute"] + GIB
+    # PEFT folds W + BA (eager); the fast kernels' grouped low-rank products fold nothing
+    eager = _plan(codec="nf4", gpu_budget_bytes=80 * GIB, kernels="eager",
+                  lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    assert eager.gpu_bytes["activations_recompute"] > base.gpu_bytes["activations_recompute"] + GIB
+    assert experts.gpu_bytes["activations_recompute"] == base.gpu_bytes["activations_recompute"]
+    assert experts.step_seconds < eager.step_seconds
 
 
 def _gib_in(text: str, label: str) -> float:

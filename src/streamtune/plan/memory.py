@@ -6,7 +6,8 @@ Assumptions (each is one function, so the device benchmark can calibrate it):
 - Gradient checkpointing is non-reentrant and per decoder layer: the forward keeps each layer's input;
   the backward recomputes one layer at a time, so only the worst layer's working set is live at once.
 - A fused expert parameter adapted by LoRA is folded by PEFT into a bf16 copy ``W + B@A`` on every forward
-  and receives a full-size bf16 weight gradient in the backward.
+  and receives a full-size bf16 weight gradient in the backward; the fast kernels compute its low-rank path
+  as grouped products instead (``streamtune.kernels.experts``: no fold, no full-size gradient).
 - The LM-head loss runs in chunks of ``loss_chunk_tokens`` with fp32 logits, their softmax and their gradient;
   the fused loss of the fast kernels (``train.kernels: auto``) keeps one chunk's logits and their gradient in
   the compute dtype, and FlexAttention's block masks replace the dense ``tokens x tokens`` masks.
@@ -76,10 +77,10 @@ def attention_mask_bytes(model: ModelSize, tokens: int, fused: bool = False) -> 
     return MASK_COPIES * tokens * tokens * ACT_BYTES if sliding else 0
 
 
-def layer_recompute_bytes(layer: LayerSize, tokens: int) -> int:
-    """Working set of recomputing and back-propagating one layer."""
+def layer_recompute_bytes(layer: LayerSize, tokens: int, fused: bool = False) -> int:
+    """Working set of recomputing and back-propagating one layer (``fused``: no PEFT fold)."""
     return (layer_saved_activation_bytes(layer, tokens) + layer_backward_transient_bytes(layer, tokens)
-            + lora_fold_bytes(layer))
+            + (0 if fused else lora_fold_bytes(layer)))
 
 
 def loss_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int, fused: bool = False) -> int:
@@ -99,13 +100,14 @@ def activation_bytes(model: ModelSize, tokens: int, loss_chunk_tokens: int, chec
         ``boundaries`` (kept layer inputs, or every layer's saved tensors without checkpointing),
         ``recompute`` (the worst layer's working set), ``loss`` and ``masks``.
     """
-    worst = max(model.layers, key=lambda layer: layer_recompute_bytes(layer, tokens))
+    worst = max(model.layers, key=lambda layer: layer_recompute_bytes(layer, tokens, fused))
+    fold = (lambda layer: 0) if fused else lora_fold_bytes
     if checkpointing:
         kept = boundary_activation_bytes(model, tokens)
-        recompute = layer_recompute_bytes(worst, tokens)
+        recompute = layer_recompute_bytes(worst, tokens, fused)
     else:
-        kept = sum(layer_saved_activation_bytes(layer, tokens) + lora_fold_bytes(layer) for layer in model.layers)
-        recompute = layer_backward_transient_bytes(worst, tokens) + worst.lora_folded_max_bytes
+        kept = sum(layer_saved_activation_bytes(layer, tokens) + fold(layer) for layer in model.layers)
+        recompute = layer_backward_transient_bytes(worst, tokens) + (0 if fused else worst.lora_folded_max_bytes)
     return {
         "boundaries": kept,
         "recompute": recompute,

@@ -7,7 +7,8 @@ top_k / num_experts of the experts). Per step, with LoRA the frozen base needs n
 - backward: recompute 2 (with gradient checkpointing) + input gradient 2, so 6 x active x tokens in all
   (4 without checkpointing). A LoRA-adapted fused expert parameter also gets a full weight gradient
   (+2 x its active share) and PEFT's fold ``W + B@A`` (2 x r x numel per fold, one per forward/recompute,
-  two more in the backward).
+  two more in the backward). The fast kernels compute it as grouped low-rank products instead: no fold and
+  no full weight gradient.
 - attention scores: 4 x tokens x context x q width per forward (context = tokens / 2 causal, capped by the
   sliding window); the backward costs twice the forward.
 - LoRA's own matmuls: 2 x LoRA params x tokens per pass (an upper bound for fused-parameter adapters).
@@ -85,8 +86,8 @@ def attention_flops(layer: LayerSize, tokens: int, efficiency: float = ATTENTION
     return 4.0 * tokens * context * layer.shape.q_width / efficiency
 
 
-def layer_flops(layer: LayerSize, tokens: int, rank: int,
-                attention_efficiency: float = ATTENTION_EFFICIENCY) -> dict[str, float]:
+def layer_flops(layer: LayerSize, tokens: int, rank: int, attention_efficiency: float = ATTENTION_EFFICIENCY,
+                grouped_expert_lora: bool = False) -> dict[str, float]:
     """Matmul-speed-equivalent FLOPs of one layer per pass: ``forward`` (also the recompute) and ``backward``.
 
     Expert FLOPs are divided by ``EXPERT_MATMUL_EFFICIENCY`` (grouped GEMMs of ~tokens x top_k / E rows
@@ -100,8 +101,12 @@ def layer_flops(layer: LayerSize, tokens: int, rank: int,
     folded_params = layer.lora_folded_bytes / 2
     fold = 2.0 * rank * folded_params
     linear_lora = 2.0 * layer.lora_params * tokens
-    forward = 2.0 * active * tokens + attention + fold + linear_lora
     weight_grad = 2.0 * folded_params * expert_share / EXPERT_MATMUL_EFFICIENCY * tokens
+    if grouped_expert_lora:
+        # (x @ A_e^T) @ B_e^T per routed token, counted in linear_lora (an upper bound: every expert's LoRA
+        # parameters for every token)
+        fold = weight_grad = 0.0
+    forward = 2.0 * active * tokens + attention + fold + linear_lora
     backward = 2.0 * active * tokens + 2 * attention + weight_grad + 2 * fold + 2 * linear_lora
     return {"forward": forward, "backward": backward}
 
@@ -121,9 +126,10 @@ def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkp
     elementwise = costs.elementwise_s_per_token * tokens * CALIBRATION_HBM_GBPS / link.hbm_gbps
     per_pass = costs.gpu_s_per_layer_pass + elementwise
     for layer in model.layers:
-        flops = layer_flops(layer, tokens, rank, costs.attention_efficiency)
+        grouped = kernels != "eager"
+        flops = layer_flops(layer, tokens, rank, costs.attention_efficiency, grouped)
         weights = layer.plain_bytes
-        fold_bytes = 2.0 * layer.lora_folded_bytes
+        fold_bytes = 0.0 if grouped else 2.0 * layer.lora_folded_bytes
         decode = sum(t.plain_bytes for t in layer.tensors if t.compressed) / dequant
         forward += layer_pass_seconds(flops["forward"], weights + fold_bytes, link) + decode
         backward += layer_pass_seconds(flops["backward"], weights + 2 * fold_bytes, link) + decode
