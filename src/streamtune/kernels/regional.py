@@ -1,0 +1,72 @@
+"""Regional ``torch.compile``: each decoder layer's forward through one compiled function.
+
+The class forward (``type(layer).forward``) is compiled once per process and bound to every
+decoder layer, with the layer as an argument: Dynamo inlines the module (its parameters and
+buffers become graph inputs, not constants), so layers of the same class share compiled graphs
+and recompile only where the code reads a value that differs between them (Gemma4: sliding vs
+full attention layers, two graphs), not once per layer index. Dynamic shapes keep a new sequence
+length from recompiling.
+
+It composes with HF gradient checkpointing (the checkpoint wraps the module call, outside the
+compiled forward) and with the engine's streamed layers (:class:`streamtune.offload.checkpoint.
+StreamedLayer` wraps the instance's compiled forward; parameters bound to slot views are graph
+inputs, guarded by shape and dtype only). Imported lazily: it imports torch.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any
+
+from streamtune.kernels.counters import count
+
+_STATE: dict[str, Any] = {"compiled": {}, "broken": False}
+_FLAG = "_streamtune_compiled_layer"
+
+
+def _compiled_forward(cls: type) -> Any:
+    import torch
+
+    table = _STATE["compiled"]
+    if cls not in table:
+        table[cls] = torch.compile(cls.forward, dynamic=True)
+    return table[cls]
+
+
+def compiled_layer_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The layer's class forward, compiled; on a compile failure warn once and run it eagerly from now on."""
+    count("compiled_layer")
+    if not _STATE["broken"]:
+        try:
+            return _compiled_forward(type(self))(self, *args, **kwargs)
+        except Exception as exc:  # Dynamo/Inductor errors have no common public base class
+            _STATE["broken"] = True
+            warnings.warn(f"streamtune: decoder layers could not be compiled here ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); they run eagerly (train.compile_layers=false silences this)",
+                          RuntimeWarning, stacklevel=2)
+    return type(self).forward(self, *args, **kwargs)
+
+
+def compile_layers(layers: Any) -> int:
+    """Bind :func:`compiled_layer_forward` to each decoder layer of ``layers``.
+
+    Returns:
+        The number of layers patched.
+    """
+    patched = 0
+    for layer in layers:
+        if getattr(layer, _FLAG, False):
+            continue
+        layer.forward = types.MethodType(compiled_layer_forward, layer)
+        setattr(layer, _FLAG, True)
+        patched += 1
+    return patched
+
+
+def restore_layers(layers: Any) -> None:
+    """Undo :func:`compile_layers`."""
+    for layer in layers:
+        if getattr(layer, _FLAG, False):
+            del layer.forward
+            setattr(layer, _FLAG, False)
