@@ -7,14 +7,16 @@ and recompile only where the code reads a value that differs between them (Gemma
 full attention layers, two graphs), not once per layer index. Dynamic shapes keep a new sequence
 length from recompiling.
 
-It composes with HF gradient checkpointing (the checkpoint wraps the module call, outside the
-compiled forward) and with the engine's streamed layers (:class:`streamtune.offload.checkpoint.
+It composes with HF gradient checkpointing (the checkpoint stays outside the compiled forward:
+transformers 5.1x checkpoints in ``__call__``; 5.2x wraps the class ``forward``, whose inner
+function is compiled here and checkpointed as the wrapper would) and with the engine's streamed layers (:class:`streamtune.offload.checkpoint.
 StreamedLayer` wraps the instance's compiled forward; parameters bound to slot views are graph
 inputs, guarded by shape and dtype only). Imported lazily: it imports torch.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from typing import Any
@@ -23,6 +25,13 @@ from streamtune.kernels.counters import count
 
 _STATE: dict[str, Any] = {"compiled": {}, "broken": False}
 _FLAG = "_streamtune_compiled_layer"
+# what transformers' checkpointing wrapper drops from a checkpointed call (training runs keep no cache)
+_CACHE_KWARGS = ("use_cache", "cache", "past_key_values", "layer_past")
+
+
+def _inner_forward(cls: type) -> Any:
+    """The class forward without transformers' checkpointing wrapper (5.2x wraps ``forward`` itself)."""
+    return getattr(cls.forward, "__wrapped__", cls.forward)
 
 
 def _compiled_forward(cls: type) -> Any:
@@ -30,8 +39,20 @@ def _compiled_forward(cls: type) -> Any:
 
     table = _STATE["compiled"]
     if cls not in table:
-        table[cls] = torch.compile(cls.forward, dynamic=True)
+        table[cls] = torch.compile(_inner_forward(cls), dynamic=True)
     return table[cls]
+
+
+def _call_compiled(layer: Any, args: tuple, kwargs: dict) -> Any:
+    """The compiled forward, under HF's checkpoint where the class forward would have checkpointed it."""
+    import torch
+
+    fn = _compiled_forward(type(layer))
+    wrapped = _inner_forward(type(layer)) is not type(layer).forward
+    if wrapped and getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        return layer._gradient_checkpointing_func(functools.partial(fn, layer, **kwargs), *args)
+    return fn(layer, *args, **kwargs)
 
 
 def compiled_layer_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -39,7 +60,7 @@ def compiled_layer_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     count("compiled_layer")
     if not _STATE["broken"]:
         try:
-            return _compiled_forward(type(self))(self, *args, **kwargs)
+            return _call_compiled(self, args, kwargs)
         except Exception as exc:  # Dynamo/Inductor errors have no common public base class
             _STATE["broken"] = True
             warnings.warn(f"streamtune: decoder layers could not be compiled here ({type(exc).__name__}: "
