@@ -10,15 +10,21 @@ cosine) and times forward + backward with CUDA synchronisation (median of ``--re
 - ``lora``: one LoRA ``q_proj`` (r=16) at ``--tokens``, PEFT fp32 adapters vs compute dtype.
 - ``attn-sliding`` / ``attn-full``: one attention layer of the preset, transformers' SDPA with the
   masks it builds vs FlexAttention with block masks, on packed samples (``--doc-tokens`` each).
+- ``norm`` / ``act``: the RMSNorms (hidden, q, v) and the gated activation of one layer at
+  ``--tokens``, stock vs the compiled fused kernels (see fused_pieces.py).
 - ``model``: the preset cut to ``--num-layers`` layers (5 sliding + 1 full for 6), random bf16
   weights, resident, LoRA r=16 on attention + dense MLP, HF non-reentrant gradient checkpointing:
   ``train.kernels=eager`` vs ``auto`` (loss, gradient cosine per LoRA tensor, step time, peak,
-  kernel launches and the profile categories of notes/profile-categories.md).
+  kernel launches and the profile categories of notes/profile-categories.md); timed and profiled
+  too: ``fast-nofused`` (auto without fused norms/activations) and ``fast-compiled`` (auto plus
+  regional compile of every decoder layer, ``train.compile_layers``).
 - ``experts``: one experts module of the preset (26B: 128 experts, top-8) with expert LoRA
   (``--expert-rank``) at each ``--expert-tokens``: PEFT ``target_parameters`` vs
   :mod:`streamtune.kernels.experts`; time, peak, host syncs (benchmarks/fast_step_experts.py).
 
 Usage (on a GPU): python benchmarks/fast_step.py --out benchmarks/results/fast_step.json
+Fused norms / activations / regional compile only (about 5 minutes on an H200):
+    python benchmarks/fast_step.py --pieces norm,act,model --out benchmarks/results/fast_step-fused.json
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import traceback
 from typing import Any, Callable
 
 import torch
+
+import fused_pieces  # benchmarks/ is on sys.path when this file runs as a script
 
 CATEGORIES = (
     ("attention", r"flash|fmha|attention|attn|softmax|efficient"),
@@ -173,26 +181,38 @@ def piece_attention(args: argparse.Namespace, model: Any, kind: str) -> dict[str
     return _compare(result)
 
 
-VARIANTS = {  # name -> fast pieces on (lora_compute_dtype, fused_linear_ce, flex_attention)
-    "fast": (True, True, True), "lora-only": (True, False, False), "loss-only": (False, True, False),
-    "flex-only": (False, False, True),
+VARIANTS = {  # name -> fast pieces on (lora_compute_dtype, fused_linear_ce, flex_attention, fused_norm_act,
+    #                                  compile_layers)
+    "fast": (True, True, True, True, False), "fast-nofused": (True, True, True, False, False),
+    "fast-compiled": (True, True, True, True, True), "lora-only": (True, False, False, False, False),
+    "loss-only": (False, True, False, False, False), "flex-only": (False, False, True, False, False),
+    "fused-only": (False, False, False, True, False),
 }
+TIMED_VARIANTS = ("fast", "fast-nofused", "fast-compiled")
+COUNTED_CALLS = ("lora_compute_dtype", "fused_linear_ce", "flex_attention", "rms_norm_scaled", "rms_norm_plain",
+                 "fused_compiled", "compiled_layer")
 
 
-def _set_variant(model: Any, pieces: tuple[bool, bool, bool] | None) -> Any:
+def _set_variant(model: Any, pieces: tuple[bool, ...] | None) -> Any:
     """Restore the stock model, then apply the chosen fast pieces; returns the KernelChoice (None: stock)."""
     import dataclasses
 
     from streamtune.kernels import apply_kernels, select_for_device
     from streamtune.kernels.attention import restore_attention
+    from streamtune.kernels.fused import restore_stock_norms_and_activation
     from streamtune.kernels.lora import restore_stock_lora
+    from streamtune.kernels.regional import restore_layers
 
     restore_stock_lora(model)
     restore_attention(model, "sdpa")
+    restore_stock_norms_and_activation(model)
+    restore_layers(_decoder(model).layers)
     if pieces is None:
         return None
+    pieces = (*pieces, False, False)[:5]
     choice = select_for_device("auto", torch.device("cuda"), torch.bfloat16)
-    choice = dataclasses.replace(choice, lora_compute_dtype=pieces[0], fused_linear_ce=pieces[1], flex_attention=pieces[2])
+    choice = dataclasses.replace(choice, lora_compute_dtype=pieces[0], fused_linear_ce=pieces[1], flex_attention=pieces[2],
+                                 fused_norm_act=pieces[3], compile_layers=pieces[4])
     apply_kernels(model, choice)
     return choice
 
@@ -209,7 +229,7 @@ def _model_run(args: argparse.Namespace, model: Any, adapter: Any, batch: dict, 
 
     reset()
     loss = step()
-    out = {"loss": float(loss), "calls": {k: calls(k) for k in ("lora_compute_dtype", "fused_linear_ce", "flex_attention")},
+    out = {"loss": float(loss), "calls": {k: calls(k) for k in COUNTED_CALLS},
            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}}
     if timing:
         torch.cuda.reset_peak_memory_stats()
@@ -226,8 +246,13 @@ def piece_model(args: argparse.Namespace, model: Any, adapter: Any) -> dict[str,
     positions = (torch.arange(args.tokens) % args.doc_tokens)[None].cuda()
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
     runs = {"eager": _model_run(args, model, adapter, batch, _set_variant(model, None), True)}
+    errors: dict[str, str] = {}
     for name, pieces in VARIANTS.items():
-        runs[name] = _model_run(args, model, adapter, batch, _set_variant(model, pieces), name == "fast")
+        try:
+            runs[name] = _model_run(args, model, adapter, batch, _set_variant(model, pieces), name in TIMED_VARIANTS)
+        except Exception as exc:  # one failing variant (e.g. a compile error) must not hide the others
+            traceback.print_exc()
+            errors[name] = f"{type(exc).__name__}: {exc}"[:1500]
     _set_variant(model, None)
     for p in model.parameters():  # bf16 -> fp32 is exact: the same weights, an fp32 eager reference
         if not p.requires_grad:
@@ -247,6 +272,7 @@ def piece_model(args: argparse.Namespace, model: Any, adapter: Any) -> dict[str,
         run["grad_cosine_mean_vs_fp32"] = statistics.mean(vs_ref.values())
         run["grad_cosine_min_tensor_vs_fp32"] = min(vs_ref, key=vs_ref.get)
         summary[name] = run
+    summary.update({name: {"error": error} for name, error in errors.items()})
     eager, fast = summary["eager"], summary["fast"]
     return {**summary, "fp32_loss": reference["loss"], "loss_rel_err": fast["loss_rel_err_vs_eager"],
             "grad_cosine_min": fast["grad_cosine_min_vs_eager"], "speedup": eager["s"] / fast["s"]}
@@ -379,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pieces", default="loss,lora,attn-sliding,attn-full,model")
+    parser.add_argument("--pieces", default="loss,lora,attn-sliding,attn-full,norm,act,model")
     parser.add_argument("--expert-tokens", default="2048,8192", help="token counts of the experts piece")
     parser.add_argument("--expert-rank", type=int, default=16)
     parser.add_argument("--out", default=None)
@@ -397,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         "lora": lambda: piece_lora(args, model),
         "attn-sliding": lambda: piece_attention(args, model, "sliding_attention"),
         "attn-full": lambda: piece_attention(args, model, "full_attention"),
+        "norm": lambda: fused_pieces.piece_norm(args, model, timed, _compare),
+        "act": lambda: fused_pieces.piece_act(args, model, timed, _compare),
         "model": lambda: piece_model(args, model, adapter),
         "model-fp32": lambda: piece_model_fp32(args, model, adapter),
         "experts": lambda: piece_experts(args),
@@ -412,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fast_step] {name}: {json.dumps(report['pieces'][name], default=str)[:1500]}", flush=True)
         torch.cuda.empty_cache()
     print(format_table(report))
+    if "error" not in report["pieces"].get("model", {"error": ""}):
+        print(fused_pieces.format_model_ablation(report["pieces"]["model"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)

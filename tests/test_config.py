@@ -212,3 +212,12 @@ def test_paths_are_stored_absolute_against_the_launch_directory(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "conf")
     again = config.load(tmp_path / "saved.yaml")
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_compile_layers_needs_the_fast_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny-llama"}, "data": {"path": "d.jsonl"}}))
+    assert config.load(path, ["train.compile_layers=true"]).train.compile_layers is True
+    with pytest.raises(ConfigError) as exc_info:
+        config.load(path, ["train.compile_layers=true", "train.kernels=eager"])
+    assert "train.compile_layers" in _problems(exc_info) and "train.kernels=auto" in _problems(exc_info)

@@ -132,8 +132,10 @@ class TrainConfig:
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
     kernels: str = _f("auto", "auto: fast kernels where the device supports them (bf16 LoRA products, fused "
-                      "soft-capped linear+CE, FlexAttention on CUDA, expert LoRA as grouped low-rank products); "
-                      "eager: the stock HF/PEFT path.")
+                      "soft-capped linear+CE, FlexAttention on CUDA, expert LoRA as grouped low-rank products, "
+                      "fused RMSNorm and gated activation on CUDA); eager: the stock HF/PEFT path.")
+    compile_layers: bool = _f(False, "Compile each decoder layer's forward (torch.compile, shared by all layers; "
+                              "needs train.kernels=auto). Off by default until measured faster.")
 
 
 @dataclass
@@ -355,6 +357,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.min_lr_ratio: {t.min_lr_ratio} must be in [0, 1]")
     _check_choice(p, "train.device", t.device, DEVICES)
     _check_choice(p, "train.kernels", t.kernels, KERNEL_MODES)
+    if t.compile_layers and t.kernels == "eager":
+        p.append("train.compile_layers: true needs train.kernels=auto (eager is the stock path); "
+                 "set train.kernels=auto or train.compile_layers=false")
     if not cfg.output.dir:
         p.append("output.dir: required; the run directory")
     return p

@@ -62,9 +62,27 @@ def test_recipe_auto_kernels_train_and_record_the_choice(tmp_path, run_dict, str
     reset()
     result = train(from_dict(raw))
     assert calls("flex_attention") > 0 and calls("lora_compute_dtype") > 0 and calls("fused_linear_ce") > 0
+    assert calls("fused_compiled") > 0 and calls("rms_norm_scaled") > 0
     assert sum(result.losses[-2:]) < sum(result.losses[:2])
     kernels = json.loads((tmp_path / "run" / "placement.json").read_text())["kernels"]
     assert kernels["mode"] == "auto" and kernels["attention"] == "streamtune_flex" and kernels["lora_layers"] > 0
+    raw = run_dict(tmp_path / "eager", train={"device": "cuda", "max_steps": 1, "kernels": "eager"},
+                   memory={"stream": stream})
+    eager = train(from_dict(raw))
+    assert abs(eager.losses[0] - result.losses[0]) / eager.losses[0] < 1e-2
+
+
+@pytest.mark.parametrize("stream", ["none", "all"])
+def test_recipe_regional_layer_compile_composes_with_checkpointing_and_streaming(tmp_path, run_dict, stream):
+    from streamtune.kernels import fused, regional
+
+    raw = run_dict(tmp_path / "run", train={"device": "cuda", "max_steps": 4, "kernels": "auto",
+                                            "compile_layers": True}, memory={"stream": stream})
+    reset()
+    result = train(from_dict(raw))
+    assert calls("compiled_layer") > 0 and not regional._STATE["broken"] and not fused._STATE["broken"]
+    kernels = json.loads((tmp_path / "run" / "placement.json").read_text())["kernels"]
+    assert kernels["compile_layers"] is True and kernels["compiled_layers"] > 0
     raw = run_dict(tmp_path / "eager", train={"device": "cuda", "max_steps": 1, "kernels": "eager"},
                    memory={"stream": stream})
     eager = train(from_dict(raw))

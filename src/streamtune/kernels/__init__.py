@@ -2,7 +2,9 @@
 
 ``train.kernels=auto`` applies, where the device supports them, LoRA in the compute dtype
 (:mod:`.lora`), the fused linear + soft-capped cross-entropy (:mod:`.linear_ce`), FlexAttention
-with block masks (:mod:`.attention`) and expert LoRA as grouped low-rank products (:mod:`.experts`); ``eager`` keeps every stock HF/PEFT code path.
+with block masks (:mod:`.attention`), expert LoRA as grouped low-rank products (:mod:`.experts`),
+fused RMSNorm and gated activation (:mod:`.fused`) and, when ``train.compile_layers`` asks for it,
+regional compile of the decoder layers (:mod:`.regional`); ``eager`` keeps every stock HF/PEFT code path.
 Importing this package imports no torch.
 """
 
@@ -22,9 +24,20 @@ def apply_kernels(model: Any, choice: KernelChoice) -> dict[str, Any]:
     The loss kernel is not a module patch: pass ``choice`` to :func:`streamtune.train.loss.lm_loss_sum`.
 
     Returns:
-        What was applied: ``{"lora_layers": n, "attention": name or None, "expert_lora_modules": n}``.
+        What was applied: ``{"lora_layers": n, "attention": name or None, "expert_lora_modules": n}``, plus
+        ``fused_norms``, ``fused_activations`` and ``compiled_layers`` (counts) where those pieces are selected.
     """
     applied: dict[str, Any] = {"lora_layers": 0, "attention": None, "expert_lora_modules": 0}
+    if choice.fused_norm_act:
+        from streamtune.kernels.fused import use_fused_activation, use_fused_norms
+
+        applied["fused_norms"] = use_fused_norms(model)
+        applied["fused_activations"] = use_fused_activation(model)
+    if choice.compile_layers:
+        from streamtune.kernels.regional import compile_layers
+        from streamtune.models import decoder
+
+        applied["compiled_layers"] = compile_layers(decoder(model).layers)
     if choice.lora_compute_dtype:
         from streamtune.kernels.lora import use_compute_dtype_lora
 

@@ -15,6 +15,10 @@ where it applies and falls back to the stock path where it does not:
   every device. Route ``grouped_mm`` (no host sync) on CUDA sm80+ (``torch._grouped_mm`` runs
   there, as a per-expert loop inside it below sm90), ``loop`` (exact, one offsets read per
   product) on the CPU and older cards.
+- Fused RMSNorm and gated activation (:mod:`.fused`, compiled): CUDA only (on the CPU Inductor
+  needs a C++ compiler and minutes of compiling for no speed-up; tests force it on).
+- Regional compile of whole decoder layers (:mod:`.regional`): only when asked for
+  (``train.compile_layers``), on any device; off by default until measured.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class KernelChoice:
         grouped_mm: ``torch._grouped_mm`` has a fast path on this device.
         flex_options: FlexAttention ``kernel_options`` per head dim (absent: the defaults).
         expert_lora: route of the expert-LoRA forward (``grouped_mm`` or ``loop``); None: PEFT's.
+        fused_norm_act: RMSNorms and gated MLP activations through compiled fused kernels.
+        compile_layers: each decoder layer's forward through one shared ``torch.compile``.
     """
 
     mode: str = "eager"
@@ -67,6 +73,8 @@ class KernelChoice:
     grouped_mm: bool = False
     flex_options: dict[int, dict[str, int]] = field(default_factory=dict)
     expert_lora: str | None = None
+    fused_norm_act: bool = False
+    compile_layers: bool = False
 
     def kernel_options(self, head_dim: int) -> dict[str, int] | None:
         """FlexAttention ``kernel_options`` for a layer of ``head_dim`` (None: Triton's defaults)."""
@@ -83,6 +91,7 @@ class KernelChoice:
             "lora_compute_dtype": self.lora_compute_dtype, "fused_linear_ce": self.fused_linear_ce,
             "compile_loss": self.compile_loss, "flex_attention": self.flex_attention, "grouped_mm": self.grouped_mm,
             "expert_lora": self.expert_lora,
+            "fused_norm_act": self.fused_norm_act, "compile_layers": self.compile_layers,
         }
 
 
@@ -98,7 +107,7 @@ def flex_options_for(capability: tuple[int, int]) -> dict[int, dict[str, int]]:
 
 
 def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
-                   capability: tuple[int, int] | None = None) -> KernelChoice:
+                   capability: tuple[int, int] | None = None, compile_layers: bool = False) -> KernelChoice:
     """The fast pieces for ``train.kernels=mode`` on a device.
 
     Args:
@@ -106,6 +115,7 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
         device_type: ``cpu`` or ``cuda``.
         compute_dtype: the model's dtype name (``bfloat16``, ``float16``, ``float32``).
         capability: CUDA ``(major, minor)``; required for ``cuda`` (tests pass fake ones).
+        compile_layers: ``train.compile_layers`` (regional compile; ignored with ``eager``).
 
     Returns:
         A :class:`KernelChoice`.
@@ -120,7 +130,7 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
     low_precision = compute_dtype != "float32"
     if device_type != "cuda":
         return KernelChoice(mode=mode, device_type=device_type, lora_compute_dtype=low_precision,
-                            fused_linear_ce=True, expert_lora="loop")
+                            fused_linear_ce=True, expert_lora="loop", compile_layers=compile_layers)
     if capability is None:
         raise ValueError("select_kernels: a CUDA device needs its compute capability")
     capability = (int(capability[0]), int(capability[1]))
@@ -131,12 +141,13 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
         fused_linear_ce=True, compile_loss=True, flex_attention=flex,
         grouped_mm=capability in _LARGE_SMEM_CAPABILITIES, flex_options=flex_options_for(capability) if flex else {},
         expert_lora="grouped_mm" if capability >= (8, 0) else "loop",
+        fused_norm_act=True, compile_layers=compile_layers,
     )
 
 
-def select_for_device(mode: str, device: Any, dtype: Any) -> KernelChoice:
+def select_for_device(mode: str, device: Any, dtype: Any, compile_layers: bool = False) -> KernelChoice:
     """:func:`select_kernels` for a real torch device and dtype (queries the CUDA capability)."""
     import torch
 
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return select_kernels(mode, device.type, str(dtype).removeprefix("torch."), capability)
+    return select_kernels(mode, device.type, str(dtype).removeprefix("torch."), capability, compile_layers)

@@ -169,7 +169,13 @@ class StreamEngine:
         if hasattr(layer, "gradient_checkpointing"):
             # the streamed checkpoint replaces the stock one on this layer
             layer.gradient_checkpointing = False
-        layer.forward = StreamedLayer(self, index, type(layer).forward.__get__(layer), self.device)
+        # a forward bound on the instance (kernels.regional's compiled one) is the math the slot serves
+        inner = layer.__dict__.get("forward")
+        if isinstance(inner, StreamedLayer):
+            inner = inner.forward
+        if inner is None:
+            inner = type(layer).forward.__get__(layer)
+        layer.forward = StreamedLayer(self, index, inner, self.device)
 
     # -- called by StreamedLayer ----------------------------------------------------------------
 

@@ -237,7 +237,8 @@ class Recipe:
         """``train.kernels``: pick the fast pieces for this device and patch the model with them."""
         from streamtune.kernels import apply_kernels, select_for_device
 
-        self.kernels = select_for_device(self.cfg.train.kernels, self.device, self.dtype)
+        self.kernels = select_for_device(self.cfg.train.kernels, self.device, self.dtype,
+                                         self.cfg.train.compile_layers)
         self.kernels_applied = apply_kernels(self.model, self.kernels)
 
     def _record_placement(self) -> None:
