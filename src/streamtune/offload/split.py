@@ -22,6 +22,12 @@ from torch.utils._pytree import tree_map
 from streamtune.offload.engine import StreamEngine
 
 
+def _make_current(device: torch.device) -> None:
+    """Kernels launched without a tensor's device guard (custom Triton kernels) run on the range's GPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def _movable(value: Any) -> bool:
     """A non-tensor object that moves itself (FlexAttention ``BlockMask``, HF ``KVSharingDict``)."""
     return (not isinstance(value, (torch.Tensor, nn.Module, list, tuple, dict))
@@ -57,6 +63,7 @@ class DeviceMover:
     def pre_hook(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if index == self.first_index:
             self.cache.clear()
+            _make_current(self.device)
         return tree_map(self.move, (args, kwargs), is_leaf=_movable)
 
 
@@ -78,6 +85,7 @@ class _ToHead:
         self.device = device
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        _make_current(self.device)
         return tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, output)
 
 
@@ -197,6 +205,7 @@ def place_split(model: Any, memory: Any, devices: list[Any], boundaries: list[in
                for device, chosen, span in zip(devices, streamed, ranges)]
     devices = [e.device for e in engines]
     move_outside_layers(model, layers, devices[0])
+    _make_current(devices[0])
     hooks = []
     for device, (start, stop) in list(zip(devices, ranges))[1:]:
         mover = DeviceMover(device, start)
