@@ -10,8 +10,10 @@ Modes (each one ``torchrun --standalone`` job of ``streamtune.train`` on the pre
 - ``dp1``: 1 GPU, cap ``--cap-gib``, ``grad_accum = --micro-batches``.
 - ``dp2``: 2 GPUs, same cap each, ``grad_accum = --micro-batches / 2``: the same global batch.
 - ``caps``: 2 GPUs capped ``--caps`` (24,16 GiB), the micro-batches split as ``streamtune plan`` predicts best
-  (``STREAMTUNE_RANK_MICRO_BATCHES``); printed next to the planner's data-parallel and layer-split predictions
-  (the layer-split training mode is not built: its number is a prediction only).
+  (``STREAMTUNE_RANK_MICRO_BATCHES``); printed next to the planner's data-parallel and layer-split predictions.
+- ``split``: the layer split on the same pair: one process (``train.devices: [cuda:0, cuda:1]``,
+  ``memory.gpu_budgets`` = ``--caps``, ``memory.layer_split: auto``), ``grad_accum = --micro-batches``: the
+  same global batch. Reports each GPU's peak. ``--modes caps,split`` compares the two on one pair.
 
 Per mode: tokens/s over the steps after the first (global tokens / rank 0's step time, from metrics.jsonl) and
 host RAM in use by the job (MemTotal - MemAvailable, minus the value before launch; exact only on a machine
@@ -54,6 +56,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-split", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -71,9 +74,14 @@ def worker(args: argparse.Namespace) -> int:
     # the process ends after training: skip decoding every layer back into CPU tensors (minutes and a bf16
     # copy of the model per rank for the 26B preset)
     offload.Placement.close = lambda self: None
-    cfg = load(args.worker, [])
     caps = [float(c) for c in args.worker_caps.split(",")]
-    cfg.memory.gpu_budget = f"{caps[int(os.environ.get('LOCAL_RANK', '0'))]}GiB"
+    if args.worker_split:
+        devices = ",".join(f"cuda:{i}" if args.device == "cuda" else "cpu" for i in range(len(caps)))
+        cfg = load(args.worker, [f"train.devices=[{devices}]", "train.device=auto",
+                                 f"memory.gpu_budgets=[{','.join(f'{c:g}GiB' for c in caps)}]"])
+    else:
+        cfg = load(args.worker, [])
+        cfg.memory.gpu_budget = f"{caps[int(os.environ.get('LOCAL_RANK', '0'))]}GiB"
     train(cfg)
     return 0
 
@@ -121,12 +129,14 @@ def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, to
 
 
 def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps: list[float], grad_accum: int,
-              tokenizer_dir: Path, split: list[int] | None = None) -> dict:
+              tokenizer_dir: Path, split: list[int] | None = None, layer_split: bool = False) -> dict:
     cfg = _config(root, args, name, grad_accum, tokenizer_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            str(Path(__file__).resolve()), "--worker", str(cfg), "--worker-caps", ",".join(map(str, caps))]
     if args.num_layers:
         cmd += ["--num-layers", str(args.num_layers)]
+    if layer_split:
+        cmd += ["--worker-split", "--device", args.device]
     env = dict(os.environ, STREAMTUNE_DIST_TIMEOUT_S="900",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
     if split:
@@ -157,6 +167,9 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
         result["step_s"] = sum(r["step_s"] for r in timed) / len(timed)
         result["gpu_peak_bytes_rank0"] = max(r["gpu_peak_bytes"] for r in timed)
         result["h2d_gbps_rank0"] = sum(r.get("h2d_gbps", 0.0) for r in timed) / len(timed)
+        if "gpu_peak_bytes_per_device" in timed[0]:
+            result["gpu_peak_bytes_per_device"] = [max(r["gpu_peak_bytes_per_device"][d] for r in timed)
+                                                   for d in range(len(timed[0]["gpu_peak_bytes_per_device"]))]
     if proc.returncode != 0:
         result["log_tail"] = "".join(log)[-3000:]
     print(f"[multi_gpu] {name}: rc={proc.returncode} tok/s={result.get('tok_s', 0):.0f} "
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.micro_batches % 2:
         raise SystemExit("--micro-batches must be even (the same global batch on 1 and 2 GPUs)")
-    if args.device == "cuda" and torch.cuda.device_count() < (2 if set(modes) & {"dp2", "caps"} else 1):
+    if args.device == "cuda" and torch.cuda.device_count() < (2 if set(modes) & {"dp2", "caps", "split"} else 1):
         raise SystemExit(f"needs 2 GPUs for {modes}; torch sees {torch.cuda.device_count()}")
     caps = [float(c) for c in args.caps.split(",")]
     predictions = _predictions(args, caps)
@@ -208,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             elif mode == "caps":
                 split = predictions["data_parallel"]["split"] if predictions["data_parallel"] else None
                 results.append(_run_mode(root, args, mode, 2, caps, args.micro_batches // 2, tokenizer_dir, split))
+            elif mode == "split":
+                results.append(_run_mode(root, args, mode, 1, caps, args.micro_batches, tokenizer_dir,
+                                         layer_split=True))
             else:
-                raise SystemExit(f"--modes: unknown mode {mode!r}; known: dp1, dp2, caps")
+                raise SystemExit(f"--modes: unknown mode {mode!r}; known: dp1, dp2, caps, split")
     _report(args, results, predictions)
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
@@ -223,7 +239,9 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
     for r in results:
         print(f"{r['mode']:6} {r['ranks']:>4} {'/'.join(f'{c:g}' for c in r['caps_gib']):>9} {r.get('tok_s', 0):>8.0f} "
               f"{r.get('step_s', 0):>7.2f} {(r['host_train_bytes'] or 0) / GIB:>15.1f} "
-              f"{(r['host_train_pss_bytes'] or 0) / GIB:>12.1f} {(r['host_peak_bytes'] or 0) / GIB:>14.1f}")
+              f"{(r['host_train_pss_bytes'] or 0) / GIB:>12.1f} {(r['host_peak_bytes'] or 0) / GIB:>14.1f}"
+              + (f"  GPU peaks GiB {'/'.join(f'{b / GIB:.1f}' for b in r['gpu_peak_bytes_per_device'])}"
+                 if r.get("gpu_peak_bytes_per_device") else ""))
     if "dp1" in by_mode and "dp2" in by_mode and by_mode["dp1"].get("tok_s"):
         one, two = by_mode["dp1"], by_mode["dp2"]
         print(f"2-GPU speed-up: {two.get('tok_s', 0) / one['tok_s']:.2f}x (target >= 1.8x); second rank adds "
@@ -233,7 +251,10 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
     dp, ls = predictions["data_parallel"], predictions["layer_split"]
     print(f"caps {args.caps} GiB predicted (h200 profile): data parallel {dp['step_seconds'] if dp else float('nan'):.2f} s/step "
           f"(split {dp['split'] if dp else None}), layer split {ls['step_seconds'] if ls else float('nan'):.2f} s/step "
-          f"[not built: prediction only]; planner picks {predictions['choice']}")
+          f"(layer {ls['split_layer'] if ls else None}); planner picks {predictions['choice']}")
+    if "caps" in by_mode and "split" in by_mode and by_mode["caps"].get("tok_s"):
+        print(f"layer split against data parallel on the same pair: {by_mode['split'].get('tok_s', 0):.0f} against "
+              f"{by_mode['caps']['tok_s']:.0f} tok/s ({by_mode['split'].get('tok_s', 0) / by_mode['caps']['tok_s']:.2f}x)")
     gpu = torch.cuda.get_device_name(0).replace(" ", "_") if args.device == "cuda" else "cpu"
     out = Path(args.out) / f"multi_gpu-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

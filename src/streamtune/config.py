@@ -111,6 +111,11 @@ class MemoryConfig:
     ring_slots: int = _f(2, "GPU slots for streamed layers (>= 1).")
     prefetch: int = _f(1, "Layers copied ahead of the one computing (>= 0; capped by ring_slots - 1).")
     gradient_checkpointing: bool = _f(True, "Recompute each decoder layer in the backward instead of keeping its activations.")
+    gpu_budgets: list[str] = _f([], "With train.devices: GPU memory per device, e.g. [24GiB, 16GiB] (each device's "
+                                "allocator is capped to it); default: what each card has free.")
+    layer_split: str = _f("auto", "With train.devices: the first decoder layer of each device after the first, e.g. 14 "
+                          "(two devices) or 10,20 (three); auto: on CUDA the planner's fastest split of two GPUs that "
+                          "fits memory.gpu_budgets, on cpu an even split.")
     cache_dir: str | None = _f(None, "Directory caching the packed (encoded) layers of a checkpoint directory, so the next run skips reading the shards and encoding; keyed by the checkpoint files, codec and dtype.")
 
 
@@ -131,6 +136,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(0, "Checkpoints kept: the newest N plus the best eval one (0: keep all).")
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
+    devices: list[str] = _f([], "Layer split in one process (no torchrun), e.g. [cuda:0, cuda:1]: device d computes a "
+                            "contiguous range of decoder layers (memory.layer_split) with its own resident and streamed "
+                            "layers (memory.gpu_budgets); the first also holds embeddings, LM head and loss. The GPUs "
+                            "work one after the other; `streamtune plan --gpu A,B` says when it beats data parallel. "
+                            "Empty: one device (train.device).")
     kernels: str = _f("auto", "auto: fast kernels where the device supports them (bf16 LoRA products, fused "
                       "soft-capped linear+CE, FlexAttention on CUDA, expert LoRA as grouped low-rank products, "
                       "fused RMSNorm and gated activation on CUDA); eager: the stock HF/PEFT path.")
@@ -356,12 +366,79 @@ def validate(cfg: RunConfig) -> list[str]:
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio: {t.min_lr_ratio} must be in [0, 1]")
     _check_choice(p, "train.device", t.device, DEVICES)
+    p += check_layer_split(cfg)
     _check_choice(p, "train.kernels", t.kernels, KERNEL_MODES)
     if t.compile_layers and t.kernels == "eager":
         p.append("train.compile_layers: true needs train.kernels=auto (eager is the stock path); "
                  "set train.kernels=auto or train.compile_layers=false")
     if not cfg.output.dir:
         p.append("output.dir: required; the run directory")
+    return p
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]+)$")
+
+
+def parse_layer_split(text: str) -> list[int] | None:
+    """``memory.layer_split`` as boundaries (None for auto).
+
+    Raises:
+        ValueError: not ``auto`` nor comma-separated positive integers.
+    """
+    if str(text).strip() == "auto":
+        return None
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"{text!r}: write auto, or the first decoder layer of each device after the first, e.g. 14 or 10,20")
+    return [int(part) for part in parts]
+
+
+def check_layer_split(cfg: RunConfig) -> list[str]:
+    """The problems of ``train.devices``, ``memory.layer_split`` and ``memory.gpu_budgets`` (empty when valid)."""
+    p: list[str] = []
+    devices, mem = cfg.train.devices, cfg.memory
+    if not devices:
+        if mem.gpu_budgets:
+            p.append("memory.gpu_budgets: per-device budgets need train.devices (a layer split); for one GPU use "
+                     "memory.gpu_budget")
+        if str(mem.layer_split) != "auto":
+            p.append("memory.layer_split: needs train.devices, e.g. train.devices=[cuda:0,cuda:1]")
+        return p
+    bad = [d for d in devices if not _DEVICE_RE.match(d)]
+    kinds = {d.split(":")[0] for d in devices}
+    if bad:
+        p.append(f"train.devices: {bad} not allowed; write devices as cpu or cuda:N, e.g. [cuda:0, cuda:1]")
+    elif len(devices) < 2:
+        p.append("train.devices: a layer split needs two or more devices, e.g. [cuda:0, cuda:1]; for one device use "
+                 "train.device and leave train.devices empty")
+    elif len(kinds) > 1:
+        p.append(f"train.devices: {devices} mixes cpu and cuda; use only cuda:N devices (or only cpu, for tests)")
+    elif "cuda" in kinds and len(set(devices)) != len(devices):
+        p.append(f"train.devices: {devices} names a GPU twice; name each GPU once")
+    elif cfg.train.device not in ("auto", *kinds):
+        p.append(f"train.device: {cfg.train.device} contradicts train.devices {devices}; set train.device=auto")
+    if mem.gpu_budget is not None:
+        p.append("memory.gpu_budget: with train.devices give one budget per device in memory.gpu_budgets, "
+                 "e.g. [24GiB, 16GiB], and remove memory.gpu_budget")
+    if mem.gpu_budgets and len(mem.gpu_budgets) != len(devices):
+        p.append(f"memory.gpu_budgets: {len(mem.gpu_budgets)} budget(s) for {len(devices)} devices; give one per "
+                 f"device of train.devices, e.g. [24GiB, 16GiB]")
+    for value in mem.gpu_budgets:
+        try:
+            if parse_bytes(value) <= 0:
+                raise ValueError(f"{value!r} must be positive")
+        except ValueError as exc:
+            p.append(f"memory.gpu_budgets: {exc}")
+    try:
+        boundaries = parse_layer_split(mem.layer_split)
+    except ValueError as exc:
+        p.append(f"memory.layer_split: {exc}")
+        return p
+    if boundaries is not None and len(boundaries) != len(devices) - 1:
+        p.append(f"memory.layer_split: {len(devices)} devices need {len(devices) - 1} boundary layer(s), got "
+                 f"{mem.layer_split!r}")
+    elif boundaries is not None and any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+        p.append(f"memory.layer_split: {mem.layer_split!r} must increase, e.g. 10,20")
     return p
 
 

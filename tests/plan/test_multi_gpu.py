@@ -55,7 +55,10 @@ def test_slow_links_make_the_layer_split_win():
     assert plan.choice == "layer_split"
     assert plan.layer_split["step_seconds"] < plan.data_parallel["step_seconds"]
     text = format_multi(plan)
-    assert "picks: layer split" in text and "not built yet" in text and "planner only" in text
+    assert "picks: layer split" in text and "not built yet" not in text and "planner only" not in text
+    k = plan.layer_split["split_layer"]
+    assert f"train.devices: [cuda:0, cuda:1]" in text and f"memory.layer_split: {k}" in text
+    assert "train.grad_accum: 4" in text and "memory.gpu_budgets: [" in text
 
 
 def test_cli_two_gpus(capsys):
@@ -65,7 +68,10 @@ def test_cli_two_gpus(capsys):
     assert main(["plan", MODEL, "--gpu", "h200,h200", "--gpu-memory", "24GiB,16GiB", "--codec", "int8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["budgets_bytes"] == [24 * GIB, 16 * GIB] and data["choice"] in ("data_parallel", "layer_split")
-    assert data["layer_split_implemented"] is False
+    assert "layer_split_implemented" not in data
+    if data["layer_split"] is not None:
+        assert data["layer_split"]["boundaries"] == [data["layer_split"]["split_layer"]]
+        assert data["layer_split"]["crossings_per_micro_batch"] == 4
 
 
 @pytest.mark.parametrize("argv, key", [
@@ -76,3 +82,28 @@ def test_cli_two_gpus(capsys):
 def test_cli_bad_multi_gpu_input(argv, key, capsys):
     assert main(["plan", MODEL, *argv]) == 2
     assert key in capsys.readouterr().err
+
+
+def test_plan_split_is_the_layer_split_the_comparison_shows_and_its_lines_load():
+    from streamtune.config import load, parse_layer_split
+    from streamtune.errors import InputError
+    from streamtune.plan.multi_gpu import plan_split, run_lines
+
+    gpus = [replace(GPU_PROFILES["rtx4090"], h2d_gbps=2.0), replace(GPU_PROFILES["rtx-pro-2000"], h2d_gbps=2.0)]
+    kwargs = {"codec": "int8", "tokens": 512}
+    compared = plan_gpus(MODEL, gpus, [24 * GIB, 16 * GIB], micro_batches=4, **kwargs).layer_split
+    auto = plan_split(MODEL, gpus, [24 * GIB, 16 * GIB], None, micro_batches=4, **kwargs)
+    fixed = plan_split(MODEL, gpus, [24 * GIB, 16 * GIB], [compared["split_layer"]], micro_batches=4, **kwargs)
+    for got in (auto, fixed):
+        assert got["split_layer"] == compared["split_layer"]
+        assert got["step_seconds"] == pytest.approx(compared["step_seconds"])
+        assert [g["streamed_indices"] for g in got["gpus"]] == [g["streamed_indices"] for g in compared["gpus"]]
+    assert all(i >= compared["split_layer"] for i in auto["gpus"][1]["streamed_indices"])
+    overrides = [line.replace(": ", "=", 1).replace(" ", "") for line in run_lines(auto, [24 * GIB, 16 * GIB])]
+    cfg = load(None, ["data.path=x.jsonl", *overrides])
+    assert cfg.train.devices == ["cuda:0", "cuda:1"] and cfg.memory.gpu_budgets == ["24GiB", "16GiB"]
+    assert parse_layer_split(cfg.memory.layer_split) == [auto["split_layer"]] and cfg.train.grad_accum == 4
+    with pytest.raises(InputError, match="memory.layer_split"):
+        plan_split(MODEL, gpus * 2, [24 * GIB] * 4, None, micro_batches=4, **kwargs)
+    with pytest.raises(InputError, match="train.devices"):
+        plan_split(MODEL, gpus, [GIB // 4, GIB // 4], [2], micro_batches=4, **kwargs)

@@ -125,7 +125,7 @@ def _run_multi(args: argparse.Namespace, host_bytes: int) -> int:
         lora_targets="auto" if args.lora_targets == "auto" else _names(args.lora_targets),
         lora_target_parameters=_names(args.lora_target_parameters),
         gradient_checkpointing=not args.no_gradient_checkpointing, ring_slots=args.ring_slots,
-        loss_chunk_tokens=args.loss_chunk_tokens,
+        loss_chunk_tokens=args.loss_chunk_tokens, kernels=args.kernels,
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_multi(plan))
     return 0 if plan.choice != "none" else 2

@@ -37,6 +37,10 @@ class Placement:
     def describe(self) -> dict[str, Any]:
         return self.engine.describe()
 
+    def tensor_codecs(self) -> dict[str, str]:
+        """``{"layers.<i>.<param name>": codec name}`` for every packed frozen tensor."""
+        return self.engine.tensor_codecs()
+
     def close(self) -> None:
         """Decode streamed layers back into ordinary CPU tensors and restore their forwards."""
         self.engine.close()

@@ -64,19 +64,28 @@ class StreamEngine:
             disk already packed (no ``load_tensor`` call, no encode); the others are written to it.
         host_store: optional shared host store (``streamtune.distributed.shared_host``): local
             ranks of one host pack into, or map, one shared copy of every layer buffer.
+        layer_range: optional ``(start, stop)``: serve only decoder layers ``start..stop-1`` (a layer split,
+            :mod:`streamtune.offload.split`): only they are packed and moved to ``device``; the rest of the
+            model is left where it is. None: every layer, and the whole model moves to ``device``.
 
     Raises:
-        ValueError: a streamed index is out of range.
+        ValueError: a streamed index is out of range, or ``layer_range`` is empty or out of range.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, streamed: list[int], codec: str = "bf16",
                  num_slots: int = 2, prefetch: int = 1, gradient_checkpointing: bool = True,
-                 load_tensor: Any = None, pack_cache: Any = None, host_store: Any = None):
+                 load_tensor: Any = None, pack_cache: Any = None, host_store: Any = None,
+                 layer_range: tuple[int, int] | None = None):
         self.model = model
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.layers = decoder_layers(model)
+        start, stop = layer_range if layer_range is not None else (0, len(self.layers))
+        if not 0 <= start < stop <= len(self.layers):
+            raise ValueError(f"layer_range {layer_range} is not a non-empty range within 0..{len(self.layers)}")
+        self.layer_range = layer_range
+        self.indices = range(start, stop)
         self.codec = codec
         self.num_slots = num_slots
         self.prefetch = prefetch
@@ -88,22 +97,28 @@ class StreamEngine:
         self.workspace: torch.Tensor | None = None
         self._check_indices(streamed)
         self._pack_layers(codec, load_tensor, pack_cache, host_store)
-        model.to(self.device)
-        self._configure_checkpointing(gradient_checkpointing)
+        if layer_range is None:
+            model.to(self.device)
+        else:
+            for index in self.indices:
+                self.layers[index].to(self.device)
+        if start == 0:
+            self._configure_checkpointing(gradient_checkpointing)
         self.ring = SlotRing({}, self.device, num_slots, prefetch)
         self.set_streamed(streamed)
 
     def _check_indices(self, streamed: list[int]) -> None:
-        bad = [i for i in streamed if not 0 <= i < len(self.layers)]
+        bad = [i for i in streamed if i not in self.indices]
         if bad:
-            raise ValueError(f"streamed layer indices {bad} out of range 0..{len(self.layers) - 1}")
+            raise ValueError(f"streamed layer indices {bad} out of range {self.indices.start}..{self.indices.stop - 1}")
 
     def _pack_layers(self, codec: str, load_tensor: Any, pack_cache: Any, host_store: Any = None) -> None:
         pin = torch.cuda.is_available() and self.device.type == "cuda"
         choose = codec_chooser(codec)
-        for index, layer in enumerate(self.layers):
+        for index in self.indices:
             fill = functools.partial(load_tensor, index) if load_tensor is not None else None
-            self.packs[index] = pack_layer(index, layer, choose, self.device, pin, fill, pack_cache, host_store)
+            self.packs[index] = pack_layer(index, self.layers[index], choose, self.device, pin, fill, pack_cache,
+                                           host_store)
 
     def _configure_checkpointing(self, enabled: bool) -> None:
         base = unwrap(self.model)
@@ -127,7 +142,7 @@ class StreamEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-        for index in range(len(self.layers)):
+        for index in self.indices:
             if index in new and index not in self.streamed:
                 self._make_streamed(index)
             elif index not in new and (index in self.streamed or index not in self.resident_buffers):

@@ -5,12 +5,13 @@ whole micro-batches; the step's ``micro_batches`` are split between the GPUs so 
 (the faster one takes more); then one flattened all-reduce of the LoRA gradients (fp32) crosses PCIe.
 Both GPUs stream every layer they cannot keep resident, each over its own link.
 
-Layer split: GPU 0 computes layers ``[0, k)``, GPU 1 layers ``[k, L)``, each keeping as many of its
-own layers resident as its memory allows and streaming the rest. Every micro-batch's activations
-(``tokens x hidden`` bf16) cross once forward and once backward. Without pipelining the GPUs work
-one after the other, so a micro-batch takes the sum of both halves; what it saves is streaming:
+Layer split (``train.devices``, :mod:`streamtune.offload.split`): GPU 0 computes layers ``[0, k)``,
+GPU 1 layers ``[k, L)``, each keeping as many of its own layers resident as its memory allows and
+streaming the rest; embeddings, LM head and loss stay on GPU 0. Every micro-batch's activations
+(``tokens x hidden`` bf16) cross to GPU 1 and back, forward and backward. Without pipelining the GPUs
+work one after the other, so a micro-batch takes the sum of both halves; what it saves is streaming:
 the two memories together hold more of the model. Both GPUs are charged the embeddings, LM head and
-loss buffers (tied embeddings need them on both ends), which is conservative for GPU 0.
+loss buffers (conservative for GPU 1). :func:`plan_split` is the plan ``streamtune train`` places by.
 
 The step-time model is :mod:`streamtune.plan.timing`'s, per GPU with its own profile.
 """
@@ -31,7 +32,6 @@ GB = 1e9
 # Without NVLink or P2P, GPU-to-GPU bytes go device -> host -> device: half the slower H2D speed.
 PCIE_HOP_FRACTION = 0.5
 GRAD_BYTES_PER_PARAM = 4
-LAYER_SPLIT_IMPLEMENTED = False
 
 
 @dataclass
@@ -64,7 +64,7 @@ class MultiGpuPlan:
         return {"gpus": [g.gpu_name for g in self.gpus], "budgets_bytes": self.budgets_bytes, "tokens": self.tokens,
                 "micro_batches": self.micro_batches, "data_parallel": self.data_parallel,
                 "layer_split": self.layer_split, "choice": self.choice, "reason": self.reason,
-                "host_bytes": self.host_bytes, "layer_split_implemented": LAYER_SPLIT_IMPLEMENTED}
+                "host_bytes": self.host_bytes}
 
 
 def _micro_seconds(plan: Plan) -> tuple[float, float]:
@@ -109,40 +109,98 @@ def _head_seconds(model: ModelSize, tokens: int, link: LinkProfile) -> float:
     return timing.layer_pass_seconds(2.0 * model.hidden * model.vocab * tokens, model.hidden * model.vocab * 2, link)
 
 
-def _half(model: ModelSize, s: _Settings, budget: int, link: LinkProfile, has_head: bool) -> dict[str, Any] | None:
+def _half(model: ModelSize, s: _Settings, budget: int, link: LinkProfile, has_head: bool,
+          start: int = 0) -> dict[str, Any] | None:
     streamed_idx, slots, gpu = place_layers(model, s, budget)
     if sum(gpu.values()) > budget:
         return None
     chosen = set(streamed_idx)
-    compute = timing.compute_seconds(model, s.tokens, s.lora_rank, s.codec, s.checkpointing, link)
+    compute = timing.compute_seconds(model, s.tokens, s.lora_rank, s.codec, s.checkpointing, link, s.kernels)
     if not has_head:
         head = _head_seconds(model, s.tokens, link)
         compute = {**compute, "forward": compute["forward"] - head, "backward": compute["backward"] - head}
     transfer = timing.transfer_seconds([x for x in model.layers if x.index in chosen], slots, link)
-    passes = {p: max(compute[p], transfer[p]) for p in ("forward", "backward")}
-    return {"gpu": link.gpu_name, "layers": model.num_layers, "streamed_layers": len(streamed_idx),
+    passes = {p: max(compute[p], compute[f"cpu_{p}"], transfer[p]) for p in ("forward", "backward")}
+    return {"gpu": link.gpu_name, "layers": model.num_layers, "first_layer": start,
+            "streamed_indices": [start + i for i in streamed_idx], "streamed_layers": len(streamed_idx),
             "gpu_peak_bytes": sum(gpu.values()), "pass_seconds": passes, "optimizer_seconds": compute["optimizer"],
             "limited_by": "transfer" if sum(transfer.values()) > sum(compute[p] for p in passes) else "compute"}
 
 
-def layer_split(model: ModelSize, s: _Settings, budgets: list[int], gpus: list[LinkProfile],
-                micro_batches: int) -> dict[str, Any] | None:
-    """The fastest split point where both halves fit (None when none does)."""
+def split_plan(model: ModelSize, s: _Settings, budgets: list[int], gpus: list[LinkProfile], boundaries: list[int],
+               micro_batches: int) -> dict[str, Any] | None:
+    """The layer split at ``boundaries`` (first layer of each GPU after the first); None when a range does not fit."""
+    edges = [0, *boundaries, model.num_layers]
+    halves = [_half(_sub_model(model, a, b), s, budget, link, has_head=index == 0, start=a)
+              for index, (a, b, budget, link) in enumerate(zip(edges, edges[1:], budgets, gpus))]
+    if any(h is None for h in halves):
+        return None
     crossing_bytes = s.tokens * model.hidden * 2
     crossing_s = hop_seconds(crossing_bytes, gpus)
+    crossings = 2 * len(gpus)  # to each next GPU and back to the head, forward and backward
+    micro = sum(sum(h["pass_seconds"].values()) for h in halves) + crossings * crossing_s
+    step = micro_batches * micro + max(h["optimizer_seconds"] for h in halves)
+    return {"split_layer": boundaries[0], "boundaries": list(boundaries), "gpus": halves, "micro_batch_seconds": micro,
+            "step_seconds": step, "crossing_bytes": crossing_bytes, "crossings_per_micro_batch": crossings,
+            "crossing_seconds": crossing_s, "micro_batches": micro_batches}
+
+
+def layer_split(model: ModelSize, s: _Settings, budgets: list[int], gpus: list[LinkProfile],
+                micro_batches: int) -> dict[str, Any] | None:
+    """The fastest split point of two GPUs where both halves fit (None when none does)."""
     best = None
     for k in range(1, model.num_layers):
-        first = _half(_sub_model(model, 0, k), s, budgets[0], gpus[0], has_head=False)
-        second = _half(_sub_model(model, k, model.num_layers), s, budgets[1], gpus[1], has_head=True)
-        if first is None or second is None:
-            continue
-        micro = sum(first["pass_seconds"].values()) + sum(second["pass_seconds"].values()) + 2 * crossing_s
-        step = micro_batches * micro + max(first["optimizer_seconds"], second["optimizer_seconds"])
-        if best is None or step < best["step_seconds"]:
-            best = {"split_layer": k, "gpus": [first, second], "micro_batch_seconds": micro, "step_seconds": step,
-                    "crossing_bytes": crossing_bytes, "crossings_per_micro_batch": 2, "crossing_seconds": crossing_s,
-                    "implemented": LAYER_SPLIT_IMPLEMENTED}
+        candidate = split_plan(model, s, budgets, gpus, [k], micro_batches)
+        if candidate is not None and (best is None or candidate["step_seconds"] < best["step_seconds"]):
+            best = candidate
     return best
+
+
+def _sized(model: Any, kwargs: dict[str, Any]) -> tuple[ModelSize, _Settings]:
+    p = make_plan(model, suggest=False, **kwargs)
+    name, config, meta = _meta(model, kwargs.get("trust_remote_code", False))
+    sized = size_model(config, p.codec, p.lora_rank, _targets(config, kwargs.get("lora_targets", "auto")),
+                       list(kwargs.get("lora_target_parameters", ())), model=meta, name=name)
+    settings = _Settings(p.codec, p.tokens, p.lora_rank, p.gradient_checkpointing, kwargs.get("stream", "auto"),
+                         kwargs.get("ring_slots", 2), p.loss_chunk_tokens, kwargs.get("kernels", "auto"))
+    return sized, settings
+
+
+def plan_split(model: Any, gpus: list[LinkProfile], budgets_bytes: list[int], boundaries: list[int] | None,
+               micro_batches: int, **kwargs: Any) -> dict[str, Any]:
+    """The layer split ``streamtune train`` runs with ``train.devices`` (see the module docstring).
+
+    Args:
+        model: as :func:`~streamtune.plan.make_plan`.
+        gpus: one profile per device, in ``train.devices`` order.
+        budgets_bytes: GPU budget per device.
+        boundaries: first decoder layer of each device after the first (``memory.layer_split``); None (auto):
+            the fastest split of two GPUs that fits.
+        micro_batches: micro-batches per optimizer step (``train.grad_accum``).
+        **kwargs: codec, tokens, lora_rank, lora_targets, lora_target_parameters, gradient_checkpointing,
+            stream, ring_slots, loss_chunk_tokens, trust_remote_code (as :func:`make_plan`).
+
+    Raises:
+        InputError: auto with other than two GPUs, boundaries that do not fit the model, or no split that fits
+            every budget (the message says what to lower).
+    """
+    sized, settings = _sized(model, dict(kwargs, link=gpus[0], gpu_budget_bytes=budgets_bytes[0]))
+    if boundaries is None:
+        if len(gpus) != 2:
+            raise InputError(f"memory.layer_split: auto picks the split of two devices; give the first layer of each "
+                             f"device after the first for {len(gpus)} devices, e.g. memory.layer_split=10,20")
+        found = layer_split(sized, settings, budgets_bytes, gpus, micro_batches)
+    else:
+        if boundaries[-1] >= sized.num_layers:
+            raise InputError(f"memory.layer_split: {','.join(map(str, boundaries))} must be below the model's "
+                             f"{sized.num_layers} decoder layers")
+        found = split_plan(sized, settings, budgets_bytes, gpus, boundaries, micro_batches)
+    if found is None:
+        where = "any split point" if boundaries is None else f"memory.layer_split={','.join(map(str, boundaries))}"
+        raise InputError(f"train.devices: the layer split does not fit the GPU budgets ({', '.join(gib(b) for b in budgets_bytes)}) "
+                         f"at {where}: lower data.seq_len or train.batch_size, use memory.codec=int8 or nf4, raise "
+                         f"memory.gpu_budgets, or try memory.layer_split=auto")
+    return found
 
 
 def _choose(dp: dict[str, Any] | None, ls: dict[str, Any] | None) -> tuple[str, str]:
@@ -192,15 +250,23 @@ def plan_gpus(model: Any, gpus: list[LinkProfile], budgets_bytes: list[int] | No
     plans = [make_plan(model, link=g, gpu_budget_bytes=b, host_budget_bytes=host_budget_bytes, suggest=False,
                        local_ranks=2, **kwargs) for g, b in zip(gpus, budgets)]
     dp = data_parallel(plans, micro_batches, gpus)
-    p = plans[0]
-    name, config, meta = _meta(model, kwargs.get("trust_remote_code", False))
-    sized = size_model(config, p.codec, p.lora_rank, _targets(config, kwargs.get("lora_targets", "auto")),
-                       list(kwargs.get("lora_target_parameters", ())), model=meta, name=name)
-    settings = _Settings(p.codec, p.tokens, p.lora_rank, p.gradient_checkpointing, "auto", kwargs.get("ring_slots", 2),
-                         p.loss_chunk_tokens)
+    sized, settings = _sized(model, dict(kwargs, link=gpus[0], gpu_budget_bytes=budgets[0]))
     ls = layer_split(sized, settings, budgets, gpus, micro_batches)
     choice, reason = _choose(dp, ls)
-    return MultiGpuPlan(gpus, budgets, p.tokens, micro_batches, dp, ls, choice, reason, dict(p.host_bytes))
+    return MultiGpuPlan(gpus, budgets, plans[0].tokens, micro_batches, dp, ls, choice, reason, dict(plans[0].host_bytes))
+
+
+def _size_text(num_bytes: int) -> str:
+    """A size as a config value (``24GiB``)."""
+    return f"{num_bytes / 2**30:g}GiB" if num_bytes % 2**20 == 0 else f"{num_bytes}B"
+
+
+def run_lines(ls: dict[str, Any], budgets_bytes: list[int]) -> list[str]:
+    """The config lines that train this layer split (one process, ``streamtune train CONFIG``)."""
+    devices = ", ".join(f"cuda:{i}" for i in range(len(budgets_bytes)))
+    return [f"train.devices: [{devices}]", f"train.grad_accum: {ls['micro_batches']}",
+            f"memory.layer_split: {','.join(map(str, ls['boundaries']))}",
+            f"memory.gpu_budgets: [{', '.join(_size_text(b) for b in budgets_bytes)}]"]
 
 
 def format_multi(plan: MultiGpuPlan) -> str:
@@ -228,14 +294,17 @@ def format_multi(plan: MultiGpuPlan) -> str:
     else:
         lines.append(f"layer split: {ls['step_seconds']:.2f} s/step, layers 0-{ls['split_layer'] - 1} | "
                      f"{ls['split_layer']}-{ls['split_layer'] + ls['gpus'][1]['layers'] - 1}, "
-                     f"{ls['crossings_per_micro_batch']} crossings of {ls['crossing_bytes'] / 1e6:.0f} MB per micro-batch"
-                     + ("" if ls["implemented"] else " [planner only: `streamtune train` does not run this mode yet]"))
+                     f"{ls['crossings_per_micro_batch']} crossings of {ls['crossing_bytes'] / 1e6:.0f} MB per micro-batch; "
+                     f"one process, the GPUs one after the other")
         for index, g in enumerate(ls["gpus"]):
             lines.append(f"  GPU {index} {g['gpu']}: {g['layers']} layer(s), {g['streamed_layers']} streamed, "
                          f"{sum(g['pass_seconds'].values()):.2f} s per micro-batch ({g['limited_by']}-bound), "
                          f"GPU peak {gib(g['gpu_peak_bytes'])}")
     lines += ["", f"picks: {plan.choice.replace('_', ' ')}: {plan.reason}"]
-    if plan.choice == "layer_split" and not LAYER_SPLIT_IMPLEMENTED:
-        lines.append("  (not built yet: `torchrun --nproc-per-node 2 -m streamtune train` runs data parallel"
-                     + (f", predicted {dp['even_step_seconds']:.2f} s/step with its even split)" if dp else ")"))
+    if ls is not None:
+        lines.append("run the layer split with `streamtune train CONFIG` (no torchrun) and these config lines:")
+        lines += [f"  {line}" for line in run_lines(ls, plan.budgets_bytes)]
+    if dp is not None:
+        lines.append(f"run data parallel with `STREAMTUNE_RANK_MICRO_BATCHES={dp['split'][0]},{dp['split'][1]} "
+                     f"torchrun --nproc-per-node 2 -m streamtune train CONFIG` and train.grad_accum: {plan.micro_batches // 2}")
     return "\n".join(lines)

@@ -152,8 +152,13 @@ class Recipe:
         """Join the torchrun job when launched by one (see ``streamtune.distributed``); the compute device."""
         from streamtune.distributed import init_from_env
 
+        from streamtune.train.split import split_devices
+
+        self.devices = split_devices(self.cfg)  # a layer split: one process, several devices; [] otherwise
         self.dist, device = init_from_env(self.cfg.train.device)
         self.dist.check_train_config(self.cfg.train)
+        if self.devices:
+            return self.devices[0]
         return device if device is not None else resolve_device(self.cfg.train.device)
 
     def _build_data(self) -> None:
@@ -172,8 +177,13 @@ class Recipe:
         """On a GPU: refuse a run that would not fit, before loading weights; cap the allocator."""
         from streamtune.devices import plan_on_device
 
-        self.plan = None
-        if self.device.type == "cuda":
+        self.plan = self.split_plan = None
+        if self.devices:
+            from streamtune.train.split import plan_split_on_devices
+
+            if self.device.type == "cuda":
+                self.split_plan = plan_split_on_devices(self.cfg, self.devices)
+        elif self.device.type == "cuda":
             self.plan = plan_on_device(self.cfg, self.device, self.dist.host_copies_shared_by())
 
     def _build_model(self) -> None:
@@ -217,8 +227,15 @@ class Recipe:
         host_store = self.dist.shared_host_store(self.base.skip_layer)
         self.pack_cache = self._pack_cache() if host_store is None or host_store.owner else None
         try:
-            self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
-                                   load_tensor=self.base.load_tensor, pack_cache=self.pack_cache, host_store=host_store)
+            if self.devices:
+                from streamtune.train.split import place_layer_split
+
+                self.placement = place_layer_split(self.model, self.cfg, self.devices, self.split_plan,
+                                                   load_tensor=self.base.load_tensor, pack_cache=self.pack_cache)
+            else:
+                self.placement = place(self.model, self.arch, self.cfg.memory, self.device, plan=self.plan,
+                                       load_tensor=self.base.load_tensor, pack_cache=self.pack_cache,
+                                       host_store=host_store)
         finally:
             self.load_stats = self.base.finish()
         self.dist.release_shared_host(host_store)
@@ -249,7 +266,7 @@ class Recipe:
 
         record = {**self.placement.describe(), "device": str(self.device),
                   "kernels": {**self.kernels.describe(), **self.kernels_applied},
-                  "tensor_codecs": self.placement.engine.tensor_codecs(), "loading": self.load_stats,
+                  "tensor_codecs": self.placement.tensor_codecs(), "loading": self.load_stats,
                   "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None,
                   "world_size": self.dist.world_size, "shared_host": self.shared_host}
         atomic_write_bytes(self.run_dir / PLACEMENT_FILE, json.dumps(record, indent=1).encode())
@@ -345,7 +362,8 @@ class Recipe:
 
         t = self.cfg.train
         self.model.train()
-        reset_peak(self.device)
+        for device in self.devices or [self.device]:
+            reset_peak(device)
         started = time.perf_counter()
         micro = self.dist.step_batches(batches, t.grad_accum)
         loss_tokens, tokens = (int(n) for n in self.dist.sum_numbers(
@@ -367,9 +385,11 @@ class Recipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sync(self.device)
+        for device in self.devices or [self.device]:
+            sync(device)
         step_s = time.perf_counter() - started
-        return {
+        split = {"gpu_peak_bytes_per_device": [gpu_peak(d) for d in self.devices]} if self.devices else {}
+        return {**split,
             "step": step, "loss": loss, "lr": lr, "tokens": tokens, "loss_tokens": loss_tokens,
             "step_s": step_s, "tok_s": tokens / step_s if step_s > 0 else 0.0, "grad_norm": grad_norm,
             "gpu_peak_bytes": gpu_peak(self.device), "host_rss_bytes": rss_bytes(),
