@@ -46,6 +46,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--tokens", default="2048,8192")
     p.add_argument("--cap-gib", type=float, default=24.0)
     p.add_argument("--kernels", default="auto", choices=["auto", "eager"])
+    p.add_argument("--compile-layers", action="store_true", help="train.compile_layers: regional compile")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -124,7 +125,8 @@ def measure(step: Any, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     args = _args()
     from streamtune.bench.common import GIB, attach_lora, bench_config, cap_gpu_memory, random_batch
-    from streamtune.bench.variants import _adamw, _fast_kernels, _our_step
+    from streamtune.bench.variants import _adamw, _our_step
+    from streamtune.kernels import apply_kernels, select_for_device
     from streamtune.models.adapters import adapter_for
     from streamtune.models.build import LazyPreset
     from streamtune.offload import StreamEngine
@@ -134,7 +136,8 @@ def main() -> int:
     adapter = adapter_for(config)
     lazy = LazyPreset(config, torch.bfloat16)
     model = attach_lora(lazy.model, args.lora_rank)
-    kernels, applied = _fast_kernels(model, args.kernels)
+    kernels = select_for_device(args.kernels, torch.device("cuda"), torch.bfloat16, args.compile_layers)
+    applied = apply_kernels(model, kernels)
     budget = int(args.cap_gib * GIB)
     cap_gpu_memory(budget)
     engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
@@ -168,13 +171,17 @@ def main() -> int:
             print(f"[profile] {json.dumps({k: v for k, v in point.items() if k != 'top'})}", flush=True)
             for ms, count, name in point["top"][:args.top]:
                 print(f"    {ms:8.1f} ms  x{count:<5d} {name}")
+    from streamtune.kernels.counters import CALLS
+
+    print(f"kernel counters: {dict(CALLS)}")
     print(table(points, applied))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         gpu = torch.cuda.get_device_name().replace(" ", "_")
-        (out / f"profile_step-{gpu}-{args.kernels}-{stamp}.json").write_text(json.dumps(
+        mode = args.kernels + ("-compiled" if args.compile_layers else "")
+        (out / f"profile_step-{gpu}-{mode}-{stamp}.json").write_text(json.dumps(
             {"args": vars(args), "applied": applied, "torch": torch.__version__, "points": points}, indent=1))
     return 0
 
