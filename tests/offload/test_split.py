@@ -8,7 +8,7 @@ import torch
 from streamtune.config import MemoryConfig
 from streamtune.models.adapters import decoder_layers
 from streamtune.offload import StreamEngine
-from streamtune.offload.split import DeviceMover, layer_ranges, place_split
+from streamtune.offload.split import DeviceMover, layer_ranges, move_closure, place_split
 from tests.offload.lora_models import batches, lora_model
 from tests.offload.test_engine import assert_same, train_steps
 
@@ -101,3 +101,38 @@ def test_mover_moves_masks_once_per_pass_and_grads_always():
     assert mask.calls == 1
     mover.pre_hook(4, (hidden,), {"attention_mask": mask})
     assert mask.calls == 2
+
+
+def _and(*fns):
+    def both(b, h, q, k):
+        return all(fn(b, h, q, k) for fn in fns)
+    return both
+
+
+def test_moved_block_mask_moves_the_tensors_its_mask_function_captured():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = torch.tensor([0] * 70 + [1] * 58)
+
+    def document(ids):
+        def same_doc(b, h, q, k):
+            return ids[q] == ids[k]
+        return same_doc
+
+    def causal(b, h, q, k):
+        return q >= k
+
+    mask_mod = _and(document(docs), causal)
+    moved_fn = move_closure(mask_mod, torch.device("meta"))
+    inner = moved_fn.__closure__[0].cell_contents[0]
+    assert inner.__closure__[0].cell_contents.device.type == "meta"
+    assert docs.device.type == "cpu" and mask_mod.__closure__[0].cell_contents[0] is not inner
+    block = create_block_mask(lambda b, h, q, k: (docs[q] == docs[k]) & (q >= k), None, None, 128, 128, device="cpu",
+                              BLOCK_SIZE=64)
+    mover = DeviceMover(torch.device("meta"), first_index=0)
+    moved = mover.move(block)
+    captured = [c.cell_contents for c in moved.mask_mod.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
+    assert captured and all(t.device.type == "meta" for t in captured)
+    assert moved.kv_num_blocks.device.type == "meta" and block.kv_num_blocks.device.type == "cpu"
+    # once per pass: the same object again comes from the cache
+    assert mover.move(block) is moved

@@ -13,6 +13,8 @@ are autograd ops, so gradients cross back the same way. The GPUs work one after 
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 import torch
@@ -32,6 +34,49 @@ def _movable(value: Any) -> bool:
     """A non-tensor object that moves itself (FlexAttention ``BlockMask``, HF ``KVSharingDict``)."""
     return (not isinstance(value, (torch.Tensor, nn.Module, list, tuple, dict))
             and callable(getattr(value, "to", None)))
+
+
+def move_closure(fn: Any, device: torch.device) -> Any:
+    """``fn`` with every tensor it captured moved to ``device`` (nested functions and partials too).
+
+    Problem: ``BlockMask.to`` moves the block tables but keeps its ``mask_mod``, whose closure holds the
+    tensors transformers captured (packed-document ids, padding): FlexAttention on the second GPU then
+    indexes a tensor on the first ("indices should be either on cpu or on the same device", measured
+    on two H200s). Solution: rebuild the closure, cell by cell, with the tensors moved.
+    """
+    if isinstance(fn, functools.partial):
+        return functools.partial(move_closure(fn.func, device), *(_moved_capture(a, device) for a in fn.args),
+                                 **{k: _moved_capture(v, device) for k, v in fn.keywords.items()})
+    if not isinstance(fn, types.FunctionType) or not fn.__closure__:
+        return fn
+    cells = []
+    for cell in fn.__closure__:
+        try:
+            cells.append(types.CellType(_moved_capture(cell.cell_contents, device)))
+        except ValueError:  # an empty cell (a name bound later in the enclosing scope)
+            cells.append(types.CellType())
+    moved = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
+    moved.__kwdefaults__ = fn.__kwdefaults__
+    moved.__dict__.update(fn.__dict__)
+    return moved
+
+
+def _moved_capture(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (types.FunctionType, functools.partial)):
+        return move_closure(value, device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved_capture(v, device) for v in value)
+    return value
+
+
+def _move_object(value: Any, device: torch.device) -> Any:
+    moved = value.to(device)
+    mask_mod = getattr(moved, "mask_mod", None)
+    if mask_mod is not None and not isinstance(value, torch.Tensor):
+        moved.mask_mod = move_closure(mask_mod, device)
+    return moved
 
 
 class DeviceMover:
@@ -55,7 +100,7 @@ class DeviceMover:
         hit = self.cache.get(id(value))
         if hit is not None and hit[0] is value:
             return hit[1]
-        moved = value.to(self.device)
+        moved = _move_object(value, self.device)
         # the cache keeps ``value`` alive, so its id cannot be reused by another object within the pass
         self.cache[id(value)] = (value, moved)
         return moved
