@@ -165,7 +165,8 @@ def main() -> int:
 
             point = {"tokens": tokens, "resident": resident, "kernels": args.kernels, "codec": args.codec,
                      "num_streamed": len(engine.streamed), "predicted_step_s": plan.step_seconds,
-                     "predicted_peak_gib": plan.gpu_peak_bytes / 2**30, **measure(step, args),
+                     "predicted_peak_gib": plan.gpu_peak_bytes / 2**30,
+                     "predicted_tensor_peak_gib": plan.tensor_peak_bytes / 2**30, **measure(step, args),
                      "transfer": engine.step_metrics()}
             points.append(point)
             print(f"[profile] {json.dumps({k: v for k, v in point.items() if k != 'top'})}", flush=True)

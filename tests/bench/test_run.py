@@ -45,3 +45,9 @@ def test_mfu_from_active_params_and_the_measured_peak():
     report = {"link": {"h2d_gbps": 50.0, "matmul_tflops": 800.0}, "results": [row, _row("resident", 2048, 0.4)]}
     # 6 * 4e9 * 2048 / 0.5 s / 800e12 = 12.3 %; resident at 0.4 s: 15.4 %
     assert "MFU 12.3% (resident 15.4%)" in format_report(report)
+
+
+def test_planner_errors_against_the_measured_step_and_tensor_peak():
+    row = _row("streamtune", 2048, 0.5, h2d_bytes=0.0)  # 1 GiB measured peak
+    row["extra"].update(predicted_step_s=0.55, predicted_tensor_peak_bytes=0.95 * (1 << 30))
+    assert "planner error: step +10%, tensor peak -5%" in format_report({"link": {}, "results": [row]})

@@ -164,9 +164,20 @@ def _ratios(report: dict[str, Any]) -> list[str]:
             other = (by.get((base, tokens)) or {}).get("tok_s")
             if other and r.get("tok_s"):
                 line += f"; x{r['tok_s'] / other:.2f} {base}"
-        line += _mfu(report, r, resident)
+        line += _mfu(report, r, resident) + _prediction_errors(r)
         lines.append(line)
     return lines
+
+
+def _prediction_errors(row: dict[str, Any]) -> str:
+    """``; planner error: step +x %, tensor peak +y %`` (measured peak = max_memory_allocated)."""
+    extra = row.get("extra") or {}
+    parts = []
+    if extra.get("predicted_step_s") and row.get("step_s"):
+        parts.append(f"step {extra['predicted_step_s'] / row['step_s'] - 1:+.0%}")
+    if extra.get("predicted_tensor_peak_bytes") and row.get("gpu_peak_bytes"):
+        parts.append(f"tensor peak {extra['predicted_tensor_peak_bytes'] / row['gpu_peak_bytes'] - 1:+.0%}")
+    return f"; planner error: {', '.join(parts)}" if parts else ""
 
 
 def _mfu(report: dict[str, Any], row: dict[str, Any], resident_s: float | None) -> str:

@@ -105,7 +105,8 @@ def run_streamtune(args: Any) -> list[StepResult]:
         engine.step_metrics()
         return {**host, "num_streamed": len(plan.streamed_indices), "predicted_step_s": plan.step_seconds,
                 "active_params": plan.active_params,
-                "predicted_gpu_peak_bytes": plan.gpu_peak_bytes, "limited_by": plan.limited_by,
+                "predicted_gpu_peak_bytes": plan.gpu_peak_bytes, "predicted_tensor_peak_bytes": plan.tensor_peak_bytes,
+                "limited_by": plan.limited_by,
                 "plan_fits": plan.fits}
 
     def step_for(tokens: int) -> Any:

@@ -82,6 +82,12 @@ class Plan:
         return sum(self.gpu_bytes.values())
 
     @property
+    def tensor_peak_bytes(self) -> int:
+        """Peak of live tensors (what ``torch.cuda.max_memory_allocated`` measures): the GPU peak without
+        the allocator's slack and the CUDA context."""
+        return self.gpu_peak_bytes - self.gpu_bytes.get("allocator_slack", 0) - self.gpu_bytes.get("cuda_context", 0)
+
+    @property
     def host_peak_bytes(self) -> int:
         return sum(self.host_bytes.values())
 

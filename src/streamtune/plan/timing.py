@@ -54,23 +54,37 @@ class KernelCosts:
         elementwise_s_per_token: GPU time per token of one layer pass's norms, activations, residuals and
             casts, at the calibration card's memory speed (scaled by ``hbm_gbps``).
         cpu_s_per_layer_pass: host time to issue one layer pass.
+        expert_half_rows: tokens routed per expert at which grouped expert GEMMs reach half the matmul
+            speed (efficiency ``rows / (rows + expert_half_rows)``); None: ``EXPERT_MATMUL_EFFICIENCY``.
     """
 
     attention_efficiency: float
     gpu_s_per_layer_pass: float
     elementwise_s_per_token: float
     cpu_s_per_layer_pass: float
+    expert_half_rows: float | None = None
+
+    def expert_efficiency(self, rows_per_expert: float) -> float:
+        """Share of the matmul speed the grouped expert GEMMs reach at ``rows_per_expert`` routed tokens."""
+        if self.expert_half_rows is None:
+            return EXPERT_MATMUL_EFFICIENCY
+        return rows_per_expert / (rows_per_expert + self.expert_half_rows)
 
 
 # eager: the 2026-11-28 fit above (fixed time on the GPU side, nothing separate for the CPU).
-# fast: FlexAttention, fused loss, compute-dtype LoRA; fitted on an H200 to the profile of the 26B preset
-# (benchmarks/profile_step.py, int8, 2048 and 8192 tokens, 2026-11-30; see CALIBRATION_HBM_GBPS).
+# fast: FlexAttention, fused loss, compute-dtype LoRA, before the fused norms; fitted to the kernel profile of
+# the 26B preset resident on an H200 (benchmarks/profile_step.py, int8, 2048 and 8192 tokens, 2026-11-30,
+# planned with the named h200 profile): flex attention 53 / 463 ms (efficiency 0.17 / 0.14), grouped
+# GEMMs 111 / 297 ms (experts at 0.44 / 0.88 of the matmul speed with 128 / 512 rows per expert), other
+# elementwise, norm and routing kernels 1.36 / 1.40 us per token and layer pass, 7.1 ms of host time per
+# layer pass (the step was issued in 0.64 of its 0.65 s at 2048 tokens).
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
-    "fast": KernelCosts(attention_efficiency=0.12, gpu_s_per_layer_pass=0.0005, elementwise_s_per_token=1.0e-6,
-                        cpu_s_per_layer_pass=0.0071),
+    "fast": KernelCosts(attention_efficiency=0.15, gpu_s_per_layer_pass=0.0, elementwise_s_per_token=1.38e-6,
+                        cpu_s_per_layer_pass=0.0071, expert_half_rows=128.0),
 }
-CALIBRATION_HBM_GBPS = 3900.0
+# memory speed of the card the fast costs were fitted on (the named h200 profile): elementwise time scales by it
+CALIBRATION_HBM_GBPS = 3600.0
 
 
 def kernel_costs(kernels: str) -> KernelCosts:
@@ -87,7 +101,8 @@ def attention_flops(layer: LayerSize, tokens: int, efficiency: float = ATTENTION
 
 
 def layer_flops(layer: LayerSize, tokens: int, rank: int, attention_efficiency: float = ATTENTION_EFFICIENCY,
-                grouped_expert_lora: bool = False) -> dict[str, float]:
+                grouped_expert_lora: bool = False, expert_efficiency: float = EXPERT_MATMUL_EFFICIENCY
+                ) -> dict[str, float]:
     """Matmul-speed-equivalent FLOPs of one layer per pass: ``forward`` (also the recompute) and ``backward``.
 
     Expert FLOPs are divided by ``EXPERT_MATMUL_EFFICIENCY`` (grouped GEMMs of ~tokens x top_k / E rows
@@ -95,13 +110,13 @@ def layer_flops(layer: LayerSize, tokens: int, rank: int, attention_efficiency: 
     """
     s = layer.shape
     expert_share = s.top_k / s.num_experts if s.num_experts else 0.0
-    expert_active = s.expert_params * expert_share / EXPERT_MATMUL_EFFICIENCY
+    expert_active = s.expert_params * expert_share / expert_efficiency
     active = s.attention_params + s.dense_params + s.router_params + expert_active
     attention = attention_flops(layer, tokens, attention_efficiency)
     folded_params = layer.lora_folded_bytes / 2
     fold = 2.0 * rank * folded_params
     linear_lora = 2.0 * layer.lora_params * tokens
-    weight_grad = 2.0 * folded_params * expert_share / EXPERT_MATMUL_EFFICIENCY * tokens
+    weight_grad = 2.0 * folded_params * expert_share / expert_efficiency * tokens
     if grouped_expert_lora:
         # (x @ A_e^T) @ B_e^T per routed token, counted in linear_lora (an upper bound: every expert's LoRA
         # parameters for every token)
@@ -127,7 +142,8 @@ def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkp
     per_pass = costs.gpu_s_per_layer_pass + elementwise
     for layer in model.layers:
         grouped = kernels != "eager"
-        flops = layer_flops(layer, tokens, rank, costs.attention_efficiency, grouped)
+        rows = tokens * layer.shape.top_k / layer.shape.num_experts if layer.shape.num_experts else 0.0
+        flops = layer_flops(layer, tokens, rank, costs.attention_efficiency, grouped, costs.expert_efficiency(rows))
         weights = layer.plain_bytes
         fold_bytes = 0.0 if grouped else 2.0 * layer.lora_folded_bytes
         decode = sum(t.plain_bytes for t in layer.tensors if t.compressed) / dequant
