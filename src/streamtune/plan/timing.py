@@ -68,6 +68,8 @@ class KernelCosts:
         """Share of the matmul speed the grouped expert GEMMs reach at ``rows_per_expert`` routed tokens."""
         if self.expert_half_rows is None:
             return EXPERT_MATMUL_EFFICIENCY
+        if rows_per_expert <= 0:  # a dense layer: no expert GEMMs to slow down
+            return 1.0
         return rows_per_expert / (rows_per_expert + self.expert_half_rows)
 
 
