@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "quickstart.jsonl"
@@ -128,6 +129,14 @@ def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, to
     return path
 
 
+def _echo(stream: Any, log: list[str], name: str) -> None:
+    """Keep the job's output and echo it as it comes, so a run cut short still shows how far each mode got."""
+    for line in stream:
+        log.append(line)
+        if not line.startswith("W1"):  # Dynamo's recompile warnings: kept in the log, not echoed
+            print(f"  [{name}] {line}", end="", flush=True)
+
+
 def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps: list[float], grad_accum: int,
               tokenizer_dir: Path, split: list[int] | None = None, layer_split: bool = False) -> dict:
     cfg = _config(root, args, name, grad_accum, tokenizer_dir)
@@ -147,7 +156,7 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader = threading.Thread(target=_echo, args=(proc.stdout, log, name), daemon=True)
     reader.start()
     while proc.poll() is None:
         training = metrics.is_file() and not (root / name / "adapter").exists()
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                                          layer_split=True))
             else:
                 raise SystemExit(f"--modes: unknown mode {mode!r}; known: dp1, dp2, caps, split")
+            _save(args, results, predictions)  # after every mode: a run cut short keeps what it measured
     _report(args, results, predictions)
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
@@ -255,12 +265,21 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
     if "caps" in by_mode and "split" in by_mode and by_mode["caps"].get("tok_s"):
         print(f"layer split against data parallel on the same pair: {by_mode['split'].get('tok_s', 0):.0f} against "
               f"{by_mode['caps']['tok_s']:.0f} tok/s ({by_mode['split'].get('tok_s', 0) / by_mode['caps']['tok_s']:.2f}x)")
+    print(f"wrote {_save(args, results, predictions)}")
+
+
+_STARTED = time.strftime("%Y%m%d-%H%M%S")
+
+
+def _save(args: argparse.Namespace, results: list[dict], predictions: dict) -> Path:
+    import torch
+
     gpu = torch.cuda.get_device_name(0).replace(" ", "_") if args.device == "cuda" else "cpu"
-    out = Path(args.out) / f"multi_gpu-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = Path(args.out) / f"multi_gpu-{gpu}-{_STARTED}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results, "predictions": predictions,
                                "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
-    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -94,11 +94,15 @@ def test_progress_lines_when_not_a_terminal(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stderr", stream)
     logger = MetricsLogger(tmp_path, max_steps=45, start_step=0, tensorboard=False, progress=True)
     for step in range(1, 46):
-        logger.log({"step": step, "loss": 1.0, "tok_s": 10.0})
+        logger.log({"step": step, "loss": 1.0, "tok_s": 10.0, "step_s": 2.0 if step < 40 else 4.0})
     logger.close()
     lines = stream.getvalue().splitlines()
     assert progress_every(45) == 2
     assert len(lines) == 23 and lines[-1].startswith("step 45/45 loss=1.0000") and "\r" not in stream.getvalue()
+    assert lines[0].endswith("eta=1:26")  # 43 steps left at 2 s
+    # step 44: the last 20 step times average (15 x 2 + 5 x 4) / 20 = 2.5 s, 1 step left
+    assert lines[-2].startswith("step 44/45") and lines[-2].endswith("eta=0:02")
+    assert "eta" not in lines[-1]
 
 
 def test_wandb_missing_is_an_input_error(monkeypatch):

@@ -102,6 +102,7 @@ class MetricsLogger:
         self._wandb = _start_wandb(wandb_project, run_dir, run_config)
         self._bar = None
         self._line_every = 0
+        self._recent_step_s: list[float] = []
         if progress and _is_terminal(sys.stderr):
             from tqdm.auto import tqdm
 
@@ -124,8 +125,20 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.set_postfix_str(_postfix(record), refresh=False)
             self._bar.update(1)
-        elif self._line_every and (record["step"] % self._line_every == 0 or record["step"] == self.max_steps):
-            print(f"step {record['step']}/{self.max_steps} {_postfix(record)}", file=sys.stderr, flush=True)
+        elif self._line_every:
+            self._print_line(record)
+
+    def _print_line(self, record: dict[str, Any]) -> None:
+        """Off a terminal: one line every ``_line_every`` steps, with the ETA from the last 20 step times."""
+        if record.get("step_s"):
+            self._recent_step_s = [*self._recent_step_s[-19:], float(record["step_s"])]
+        if record["step"] % self._line_every and record["step"] != self.max_steps:
+            return
+        line = f"step {record['step']}/{self.max_steps} {_postfix(record)}"
+        if self._recent_step_s and record["step"] < self.max_steps:
+            left_s = (self.max_steps - record["step"]) * sum(self._recent_step_s) / len(self._recent_step_s)
+            line += f" eta={_clock(left_s)}"
+        print(line, file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -143,6 +156,13 @@ class MetricsLogger:
             self._wandb.finish()
             self._wandb = None
         self._file.close()
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss`` (or ``m:ss`` under an hour)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _is_terminal(stream: Any) -> bool:
