@@ -206,3 +206,25 @@ def test_recipe_auto_and_eager_train_alike_with_expert_lora(tmp_path, write_conf
     for key, value in eager_adapter.items():
         assert auto_adapter[key].shape == value.shape
         torch.testing.assert_close(auto_adapter[key], value, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+def test_a_failing_grouped_mm_falls_back_to_the_loop_once(monkeypatch):
+    import streamtune.kernels.experts as experts
+
+    model, _ = _expert_lora_model("tiny-gemma4")
+    module = _experts_modules(model)[0]
+    ref = _module_run(module)
+    use_fast_expert_lora(model, "grouped_mm")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("grouped gemm is not supported on this card")
+
+    monkeypatch.setattr(experts, "_grouped_kernel", refuse)
+    monkeypatch.setattr(experts, "_GROUPED_MM_FAILURE", [])
+    reset()
+    with pytest.warns(RuntimeWarning, match="grouped_mm failed for expert LoRA.*per-expert loop"):
+        got = _module_run(module)
+    _assert_close_runs(got, ref)
+    _module_run(module)  # later calls take the loop without trying the kernel again
+    assert calls("expert_lora_loop") == 2 and calls("expert_lora_grouped_mm") == 0

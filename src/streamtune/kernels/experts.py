@@ -18,6 +18,7 @@ The ``loop`` route (CPU, or CUDA without ``torch._grouped_mm``) reads the offset
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -195,8 +196,12 @@ def _collect_lora(chain: list[Any], dtype: Any) -> dict[str, list[tuple[Any, Any
     return lora
 
 
+# why torch._grouped_mm was given up for this process (None: not failed)
+_GROUPED_MM_FAILURE: list[str] = []
+
+
 def _use_kernel(route_name: str, x: Any) -> bool:
-    if route_name != "grouped_mm" or not hasattr(torch, "_grouped_mm"):
+    if route_name != "grouped_mm" or not hasattr(torch, "_grouped_mm") or _GROUPED_MM_FAILURE:
         return False
     return x.device.type != "cuda" or x.dtype == torch.bfloat16
 
@@ -209,8 +214,17 @@ def fast_expert_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> An
         return type(self).forward(self, x, *args, **kwargs)
     use_kernel = _use_kernel(getattr(self, _PATCH_FLAG), x)
     count("expert_lora")
-    count("expert_lora_grouped_mm" if use_kernel else "expert_lora_loop")
-    return experts_forward(experts, x, args[0], args[1], lora, use_kernel)
+    if use_kernel:
+        try:
+            out = experts_forward(experts, x, args[0], args[1], lora, True)
+            count("expert_lora_grouped_mm")
+            return out
+        except RuntimeError as exc:  # a torch build or card whose grouped_mm refuses these shapes/dtypes
+            _GROUPED_MM_FAILURE.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            warnings.warn(f"streamtune: torch._grouped_mm failed for expert LoRA ({_GROUPED_MM_FAILURE[0]}); "
+                          "using the per-expert loop from now on", RuntimeWarning, stacklevel=2)
+    count("expert_lora_loop")
+    return experts_forward(experts, x, args[0], args[1], lora, False)
 
 
 def use_fast_expert_lora(model: Any, route_name: str) -> int:
