@@ -325,6 +325,7 @@ def piece_model_fp32(args: argparse.Namespace, model: Any, adapter: Any) -> dict
 
 
 def _profile(step: Callable[[], Any]) -> dict[str, Any]:
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -337,7 +338,9 @@ def _profile(step: Callable[[], Any]) -> dict[str, Any]:
         if entry.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"):
             launches += entry.count
         device_us = getattr(entry, "self_device_time_total", 0) or 0
-        if device_us <= 0 or entry.key.startswith("aten::"):
+        # kernels only: Inductor's launcher records (named like their Triton kernel) carry the kernel's device
+        # time too, which counted every compiled kernel twice (the 2026-11-30 table's fast column)
+        if device_us <= 0 or entry.key.startswith("aten::") or entry.device_type != DeviceType.CUDA:
             continue
         key = entry.key.lower()
         category = next((name for name, rx in CATEGORIES if re.search(rx, key)), "elementwise/other")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -69,7 +70,9 @@ def categorise(prof: Any) -> dict[str, Any]:
         if "Synchronize" in name or name in ("cudaMemcpy", "cudaMemcpyAsync"):
             syncs[name] += evt.count
         device_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
-        if device_us <= 0 or name.startswith("aten::"):
+        # kernels only: Inductor's launcher records (same name as the Triton kernel) and autograd functions
+        # also carry the device time of what they launched, which counted kernels twice
+        if device_us <= 0 or name.startswith("aten::") or evt.device_type != DeviceType.CUDA:
             continue
         low = name.lower()
         category = next((c for c, rx in CATEGORIES if re.search(rx, low)), "elementwise/other")
@@ -124,6 +127,7 @@ def measure(step: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     args = _args()
+    args.started = time.strftime("%Y%m%d-%H%M%S")
     from streamtune.bench.common import GIB, attach_lora, bench_config, cap_gpu_memory, random_batch
     from streamtune.bench.variants import _adamw, _our_step
     from streamtune.kernels import apply_kernels, select_for_device
@@ -169,6 +173,7 @@ def main() -> int:
                      "predicted_tensor_peak_gib": plan.tensor_peak_bytes / 2**30, **measure(step, args),
                      "transfer": engine.step_metrics()}
             points.append(point)
+            save(args, applied, points)
             print(f"[profile] {json.dumps({k: v for k, v in point.items() if k != 'top'})}", flush=True)
             for ms, count, name in point["top"][:args.top]:
                 print(f"    {ms:8.1f} ms  x{count:<5d} {name}")
@@ -176,14 +181,19 @@ def main() -> int:
 
     print(f"kernel counters: {dict(CALLS)}")
     print(table(points, applied))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        gpu = torch.cuda.get_device_name().replace(" ", "_")
-        mode = args.kernels + ("-compiled" if args.compile_layers else "")
-        (out / f"profile_step-{gpu}-{mode}-{stamp}.json").write_text(json.dumps(
-            {"args": vars(args), "applied": applied, "torch": torch.__version__, "points": points}, indent=1))
+    return 0
+
+
+def save(args: argparse.Namespace, applied: dict, points: list[dict]) -> None:
+    """Write the points so far (after every point: a run cut short keeps what it measured)."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    mode = args.kernels + ("-compiled" if args.compile_layers else "")
+    (out / f"profile_step-{gpu}-{mode}-{args.started}.json").write_text(json.dumps(
+        {"args": vars(args), "applied": applied, "torch": torch.__version__, "points": points}, indent=1))
     return 0
 
 
