@@ -163,3 +163,22 @@ def test_a_kernel_that_cannot_compile_falls_back_to_dense_with_a_warning(monkeyp
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     use_flex_attention(model, select_kernels("auto", "cuda", "float32", (9, 0)))
     assert not attention._STATE["broken"]
+
+
+def test_attention_is_a_graph_break_inside_a_compiled_layer():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    register_flex()
+    attend = ALL_ATTENTION_FUNCTIONS[FLEX_NAME]
+    q = torch.randn(1, 2, 16, 8)
+
+    def layer(query, key, value):  # what a compiled decoder layer does around its attention call
+        out, _ = attend(None, query * 2.0, key, value, None, scaling=0.5)
+        return out.float() + 1.0
+
+    explanation = torch._dynamo.explain(layer)(q, q, q)
+    assert explanation.graph_break_count == 1
+    reset()
+    eager = layer(q, q, q)
+    assert calls("flex_attention") == 1
+    torch.testing.assert_close(torch.compile(layer, backend="eager")(q, q, q), eager)

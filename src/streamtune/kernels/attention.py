@@ -140,12 +140,25 @@ def _device_type(args: tuple, kwargs: dict) -> str:
     return "cpu"
 
 
+def _outside_compiled_regions(fn: Any) -> Any:
+    """``fn`` run as eager code even when called from a compiled decoder layer (``train.compile_layers``).
+
+    Problem: a compiled layer traced into FlexAttention and guarded on the mask functions transformers
+    builds anew every forward; on the H200 it hit Dynamo's recompile limit and ran the layer eagerly behind
+    its guards. Solution: the attention call is a graph break; the layer's other code stays compiled and
+    FlexAttention runs through its own compiled kernel, as it does without ``compile_layers``.
+    """
+    import torch
+
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def register_flex() -> None:
     """Register :data:`FLEX_NAME` with transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(FLEX_NAME, flex_attention_forward)
+    AttentionInterface.register(FLEX_NAME, _outside_compiled_regions(flex_attention_forward))
     AttentionMaskInterface.register(FLEX_NAME, flex_block_mask)
 
 
