@@ -71,7 +71,9 @@ def test_signal_checkpoints_the_run_and_resume_continues_exactly(reference, tmp_
     assert len(_losses(run)) >= saved[0]
     done = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
-    assert _losses(run) == reference["losses"]
+    # the reference ran in this process, the run in subprocesses: thread counts and CPUs may change the last
+    # float bits (6e-7 on a CI machine); a resume that skipped or repeated data would differ by far more
+    assert _losses(run) == pytest.approx(reference["losses"], rel=1e-5, abs=0)
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path, run_dict):
