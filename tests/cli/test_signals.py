@@ -81,13 +81,19 @@ def test_signal_checkpoints_the_run_and_resume_continues_exactly(reference, tmp_
 
 def test_second_ctrl_c_exits_at_once(tmp_path, run_dict):
     cfg = tmp_path / "run.yaml"
-    # one long micro-batch per step: the first Ctrl-C waits for the step to finish, the second does not
-    cfg.write_text(yaml.safe_dump(run_dict(tmp_path / "run", train={"max_steps": 50, "batch_size": 8, "grad_accum": 1})))
+    # one long micro-batch per step (16 x 512 tokens, 0.7 s here): the first Ctrl-C, sent inside step 2, waits
+    # for the step to finish; the second does not. A first signal sent right as step 1 was logged used to stop
+    # the run at once with a checkpoint, before the second signal came (flaky on a loaded machine).
+    raw = run_dict(tmp_path / "run", train={"max_steps": 50, "batch_size": 16, "grad_accum": 1})
+    raw["data"]["seq_len"] = 512
+    cfg.write_text(yaml.safe_dump(raw))
     _, proc = _start(cfg, tmp_path / "run")
+    step_s = read_metrics(tmp_path / "run")[0]["step_s"]
+    time.sleep(step_s / 4)  # into step 2
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=START_TIMEOUT_S)[1]
     assert proc.returncode == 130, err
     assert "SIGINT again: stopping now, without writing a checkpoint" in err
-    assert list_checkpoints(tmp_path / "run") == []
+    assert list_checkpoints(tmp_path / "run") == [], f"a step takes {step_s:.2f} s here"
