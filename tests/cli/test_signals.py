@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streamtune.cli import main
 from streamtune.train.checkpoint import list_checkpoints
 from streamtune.train.metrics import read_metrics
 
@@ -39,7 +38,12 @@ def reference(tmp_path_factory, run_dict):
     root = tmp_path_factory.mktemp("signals")
     cfg = root / "run.yaml"
     cfg.write_text(yaml.safe_dump(run_dict(root / "whole", **SECTIONS)))
-    assert main(["train", str(cfg)]) == 0
+    # a subprocess like the runs it is compared with: an in-process reference differed from them in the last
+    # float bits on a CI machine, and AdamW's first updates (about lr x sign(g) for gradients near zero) grew
+    # that to 4e-4 by step 5 in one local run
+    done = subprocess.run([sys.executable, "-m", "streamtune.cli", "train", str(cfg)], capture_output=True,
+                          text=True, env=_env())
+    assert done.returncode == 0, done.stderr
     return {"cfg": cfg, "losses": _losses(root / "whole")}
 
 
@@ -54,10 +58,11 @@ def _start(cfg, run):
     return command, proc
 
 
-# Both are `slow`: the in-process tests of tests/train/test_guard.py cover the same handler on every run.
-# On 2026-11-30 one local run of the SIGTERM case resumed with steps 5-6 off by 4e-4 (relative); 15 more
-# runs and a 10-trial script with random signal times did not reproduce it. The assertion message carries
-# the checkpoint and stderr for the next occurrence.
+# Both are `slow`; tests/train/test_guard.py runs the same handler in-process on every run. Under load (two
+# pytest runs at once, 2 cores) about 1 run in 5 resumed from step 1 with step 2 bit-exact but step 3 off by
+# 2e-6 and step 6 by 9e-5 (relative): a last-bit difference in step 2's update, which AdamW's first updates
+# (about lr x sign(g) for gradients near zero) amplify. 40 runs of the same sequence from a script, idle or
+# loaded, were bit-exact; the source of the difference is not found yet.
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_checkpoints_the_run_and_resume_continues_exactly(reference, tmp_path, signum, code):
@@ -74,8 +79,7 @@ def test_signal_checkpoints_the_run_and_resume_continues_exactly(reference, tmp_
     assert len(_losses(run)) >= saved[0]
     done = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
-    # the reference ran in this process, the run in subprocesses: thread counts and CPUs may change the last
-    # float bits (6e-7 on a CI machine); a resume that skipped or repeated data would differ by far more
+    # a resume that skipped or repeated data, or lost an RNG or optimizer state, differs by far more
     assert _losses(run) == pytest.approx(reference["losses"], rel=1e-5, abs=0), (saved, err)
 
 
