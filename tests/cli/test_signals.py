@@ -58,8 +58,8 @@ def _start(cfg, run):
     return command, proc
 
 
-# Both are `slow`; tests/train/test_guard.py runs the same handler in-process on every run. Under load (two
-# pytest runs at once, 2 cores) about 1 run in 5 resumed from step 1 with step 2 bit-exact but step 3 off by
+# Both are `slow`; tests/train/test_guard.py runs the same handler in-process on every run. In repeated pytest
+# runs (idle or two at once, 2 cores) about 1 run in 5 resumed from step 1 with step 2 bit-exact but step 3 off by
 # 2e-6 and step 6 by 9e-5 (relative): a last-bit difference in step 2's update, which AdamW's first updates
 # (about lr x sign(g) for gradients near zero) amplify. 40 runs of the same sequence from a script, idle or
 # loaded, were bit-exact; the source of the difference is not found yet.
