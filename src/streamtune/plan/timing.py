@@ -17,7 +17,7 @@ top_k / num_experts of the experts). Per step, with LoRA the frozen base needs n
 A layer pass takes max(FLOPs / matmul speed, weight bytes read / HBM speed) on the GPU, plus the kernel
 mode's elementwise time per token and fixed time per pass (:class:`KernelCosts`): at small token counts
 the expert weights make MoE layers memory-bound, and expert GEMMs run at ``EXPERT_MATMUL_EFFICIENCY`` of
-the matmul speed. int8/nf4 add one dequantisation of every layer per pass (forward; recompute + backward
+the matmul speed (eager) or at an efficiency that grows with the tokens routed per expert (fast). int8/nf4 add one dequantisation of every layer per pass (forward; recompute + backward
 share one). The host needs ``cpu_s_per_layer_pass`` to issue a layer pass (Python, dispatch, launches):
 with the fast kernels a short step waits on the CPU, not on the GPU. Per pass, step time is
 max(GPU compute, CPU issue, streamed bytes / H2D): streamed layers are spread between resident ones, so
@@ -107,8 +107,8 @@ def layer_flops(layer: LayerSize, tokens: int, rank: int, attention_efficiency: 
                 ) -> dict[str, float]:
     """Matmul-speed-equivalent FLOPs of one layer per pass: ``forward`` (also the recompute) and ``backward``.
 
-    Expert FLOPs are divided by ``EXPERT_MATMUL_EFFICIENCY`` (grouped GEMMs of ~tokens x top_k / E rows
-    run far below a large matmul's speed).
+    Expert FLOPs are divided by ``expert_efficiency`` (grouped GEMMs of ~tokens x top_k / E rows run
+    below a large matmul's speed).
     """
     s = layer.shape
     expert_share = s.top_k / s.num_experts if s.num_experts else 0.0
