@@ -120,11 +120,11 @@ def _half(model: ModelSize, s: _Settings, budget: int, link: LinkProfile, has_he
         head = _head_seconds(model, s.tokens, link)
         compute = {**compute, "forward": compute["forward"] - head, "backward": compute["backward"] - head}
     transfer = timing.transfer_seconds([x for x in model.layers if x.index in chosen], slots, link)
-    passes = {p: max(compute[p], compute[f"cpu_{p}"], transfer[p]) for p in ("forward", "backward")}
+    sides = timing.side_seconds(compute, transfer)
     return {"gpu": link.gpu_name, "layers": model.num_layers, "first_layer": start,
             "streamed_indices": [start + i for i in streamed_idx], "streamed_layers": len(streamed_idx),
-            "gpu_peak_bytes": sum(gpu.values()), "pass_seconds": passes, "optimizer_seconds": compute["optimizer"],
-            "limited_by": "transfer" if sum(transfer.values()) > sum(compute[p] for p in passes) else "compute"}
+            "gpu_peak_bytes": sum(gpu.values()), "pass_seconds": timing.pass_seconds(compute, transfer),
+            "optimizer_seconds": compute["optimizer"], "limited_by": max(sides, key=sides.get)}
 
 
 def split_plan(model: ModelSize, s: _Settings, budgets: list[int], gpus: list[LinkProfile], boundaries: list[int],

@@ -142,8 +142,8 @@ def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkp
     dequant = link.dequant_gbps_for(codec) * GB
     elementwise = costs.elementwise_s_per_token * tokens * CALIBRATION_HBM_GBPS / link.hbm_gbps
     per_pass = costs.gpu_s_per_layer_pass + elementwise
+    grouped = kernels != "eager"
     for layer in model.layers:
-        grouped = kernels != "eager"
         rows = tokens * layer.shape.top_k / layer.shape.num_experts if layer.shape.num_experts else 0.0
         flops = layer_flops(layer, tokens, rank, costs.attention_efficiency, grouped, costs.expert_efficiency(rows))
         weights = layer.plain_bytes
@@ -176,13 +176,24 @@ def transfer_seconds(streamed: list[LayerSize], ring_slots: int, link: LinkProfi
     return {"forward": forward, "backward": backward}
 
 
+PASSES = ("forward", "backward")
+
+
+def pass_seconds(compute: dict[str, float], transfer: dict[str, float]) -> dict[str, float]:
+    """Each pass's time: the longest of GPU compute, host issue (``cpu_<pass>``) and transfer."""
+    return {p: max(compute[p], compute.get(f"cpu_{p}", 0.0), transfer[p]) for p in PASSES}
+
+
+def side_seconds(compute: dict[str, float], transfer: dict[str, float]) -> dict[str, float]:
+    """Total ``compute``, ``transfer`` and ``host`` seconds over both passes (the largest limits the step)."""
+    return {"compute": sum(compute[p] for p in PASSES), "transfer": sum(transfer[p] for p in PASSES),
+            "host": sum(compute.get(f"cpu_{p}", 0.0) for p in PASSES)}
+
+
 def step_estimate(compute: dict[str, float], transfer: dict[str, float], tokens: int) -> dict[str, float | str]:
     """Step time (per pass max of GPU compute, host issue and transfer), tokens/s and the limiting side."""
-    passes = ("forward", "backward")
-    cpu = {p: compute.get(f"cpu_{p}", 0.0) for p in passes}
-    step = sum(max(compute[p], cpu[p], transfer[p]) for p in passes) + compute["optimizer"]
-    sides = {"compute": sum(compute[p] for p in passes), "transfer": sum(transfer[p] for p in passes),
-             "host": sum(cpu.values())}
+    step = sum(pass_seconds(compute, transfer).values()) + compute["optimizer"]
+    sides = side_seconds(compute, transfer)
     return {
         "step_seconds": step,
         "tokens_per_second": tokens / step if step > 0 else 0.0,
