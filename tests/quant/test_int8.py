@@ -117,7 +117,7 @@ def test_decode_backend_is_checked_and_cpu_auto_is_torch():
     parts = INT8.encode(x)
     with pytest.raises(ValueError, match="backend 'cuda'.*allowed: auto, torch, triton"):
         INT8.decode(parts, x.shape, torch.float32, backend="cuda")
-    assert not codecs._use_int8_triton("auto", torch.device("cpu"))
+    assert not codecs._INT8_TRITON.wanted("auto", torch.device("cpu"))
     torch.testing.assert_close(INT8.decode(parts, x.shape, torch.float32), x, atol=x.abs().max().item() / 254, rtol=0)
 
 
@@ -125,7 +125,7 @@ def test_auto_decode_falls_back_to_torch_once_when_the_kernel_fails(monkeypatch)
     import sys
 
     monkeypatch.setitem(sys.modules, "streamtune.quant.int8_triton", _BrokenInt8Kernel)
-    monkeypatch.setattr(codecs, "_INT8_TRITON_FAILURE", None)
+    monkeypatch.setattr(codecs._INT8_TRITON, "failure", None)
     x = torch.randn(3, 100)
     parts = INT8.encode(x)
     expected = INT8.decode(parts, x.shape, torch.float32, backend="torch")
@@ -133,6 +133,6 @@ def test_auto_decode_falls_back_to_torch_once_when_the_kernel_fails(monkeypatch)
         INT8.decode(parts, x.shape, torch.float32, backend="triton")
     out = torch.empty(3, 100)
     with pytest.warns(UserWarning, match="Triton int8 decode failed, using the torch decode: RuntimeError: no compiler"):
-        assert codecs._decode_int8_triton(parts["q"].view(3, 100), parts["scale"].view(3, 1), out, "auto") is False
-    assert not codecs._use_int8_triton("auto", torch.device("cuda"))
+        assert codecs._INT8_TRITON.run("auto", parts["q"].view(3, 100), parts["scale"], out) is False
+    assert not codecs._INT8_TRITON.wanted("auto", torch.device("cuda"))
     assert torch.equal(INT8.decode(parts, x.shape, torch.float32), expected)

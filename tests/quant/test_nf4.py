@@ -164,7 +164,7 @@ class _BrokenKernelModule:
 
 def test_auto_backend_falls_back_to_torch_when_the_kernel_fails(monkeypatch):
     monkeypatch.setitem(sys.modules, "streamtune.quant.nf4_triton", _BrokenKernelModule)
-    monkeypatch.setattr(nf4, "_TRITON_FAILURE", None)
+    monkeypatch.setattr(nf4._TRITON, "failure", None)
     codec = get_codec("nf4")
     x = torch.randn(3, 100)
     parts = codec.encode(x)
@@ -174,7 +174,7 @@ def test_auto_backend_falls_back_to_torch_when_the_kernel_fails(monkeypatch):
     out = torch.empty(3, 100)
     absmax = codec.block_absmax(parts)
     with pytest.warns(UserWarning, match="Triton NF4 decode failed, using the torch decode: RuntimeError: no compiler"):
-        assert nf4._decode_triton(parts["q"], absmax, out, "auto") is False
-    assert nf4._TRITON_FAILURE is not None
-    assert not nf4._use_triton("auto", torch.device("cuda"))
+        assert nf4._TRITON.run("auto", parts["q"], absmax, nf4.level_table(out.device), out.view(-1)) is False
+    assert nf4._TRITON.failure is not None
+    assert not nf4._TRITON.wanted("auto", torch.device("cuda"))
     assert torch.equal(codec.decode(parts, x.shape, torch.float32), expected)

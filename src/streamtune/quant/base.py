@@ -7,7 +7,9 @@ decoder reads them back from views of that buffer (``buf[off:off + n].view(dtype
 
 from __future__ import annotations
 
+import importlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -246,3 +248,52 @@ def decode_target(
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
     return shape, out
+
+
+DECODE_BACKENDS = ("auto", "torch", "triton")
+
+
+def check_decode_backend(backend: str) -> None:
+    """Raises:
+        ValueError: ``backend`` is not one of :data:`DECODE_BACKENDS`.
+    """
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(DECODE_BACKENDS)}")
+
+
+class TritonDecode:
+    """A codec's Triton decode kernel (module imported on first use), beside its torch decode.
+
+    ``backend="triton"`` always runs it (errors propagate), ``"torch"`` never does, and ``"auto"`` runs
+    it on CUDA until it first fails: a kernel that cannot import, build or launch warns once (a missing
+    Triton silently) and the torch decode serves the rest of the process.
+
+    Args:
+        module: the kernel's module (it imports Triton).
+        function: the kernel function's name in ``module``.
+        what: the codec's name, for the warning.
+    """
+
+    def __init__(self, module: str, function: str, what: str):
+        self.module, self.function, self.what = module, function, what
+        self.failure: str | None = None
+
+    def wanted(self, backend: str, device: torch.device) -> bool:
+        """Whether ``backend`` (checked by :func:`check_decode_backend`) asks for the kernel on ``device``."""
+        if backend != "auto":
+            return backend == "triton"
+        return device.type == "cuda" and self.failure is None
+
+    def run(self, backend: str, *args: object) -> bool:
+        """Call the kernel with ``args``; True when it ran (False: use the torch decode)."""
+        try:
+            getattr(importlib.import_module(self.module), self.function)(*args)
+        except Exception as exc:  # import, Triton compile and launch errors have no common base class
+            if backend == "triton":
+                raise
+            self.failure = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, ImportError):
+                warnings.warn(f"streamtune: Triton {self.what} decode failed, using the torch decode: {self.failure}",
+                              stacklevel=3)
+            return False
+        return True

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from streamtune.quant.base import (
     Codec,
+    check_decode_backend,
     PartSpec,
     check_float_dtype,
     check_out,
@@ -17,14 +16,13 @@ from streamtune.quant.base import (
     check_segment,
     normalize_shape,
     rows_per_chunk,
+    TritonDecode,
 )
 from streamtune.quant.cpu_encode import encode_int8_rows, run_chunks
 
 ENCODE_CHUNK_NUMEL = 1 << 18
 CPU_DECODE_CHUNK_NUMEL = 1 << 20
-INT8_DECODE_BACKENDS = ("auto", "torch", "triton")
-# why the Triton int8 decode was turned off for this process (None: not tried or working)
-_INT8_TRITON_FAILURE: str | None = None
+_INT8_TRITON = TritonDecode("streamtune.quant.int8_triton", "int8_decode_triton", "int8")
 
 
 class Bf16Codec(Codec):
@@ -175,8 +173,7 @@ class Int8Codec(Codec):
         Raises:
             ValueError: the parts or ``out`` do not match the layout, or ``backend`` is unknown.
         """
-        if backend not in INT8_DECODE_BACKENDS:
-            raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(INT8_DECODE_BACKENDS)}")
+        check_decode_backend(backend)
         shape, out = decode_target(self, parts, shape, dtype, out)
         device = out.device
         if out.numel() == 0:
@@ -186,7 +183,7 @@ class Int8Codec(Codec):
         scale_col = parts["scale"].view(-1, 1)
         out_rows = out.view(-1, row_numel)
         with torch.no_grad():
-            if _use_int8_triton(backend, device) and _decode_int8_triton(q_rows, scale_col, out_rows, backend):
+            if _INT8_TRITON.wanted(backend, device) and _INT8_TRITON.run(backend, q_rows, scale_col.view(-1), out_rows):
                 return out
             max_numel = out.numel() if device.type == "cuda" else CPU_DECODE_CHUNK_NUMEL
             step = rows_per_chunk(row_numel, max_numel)
@@ -194,31 +191,3 @@ class Int8Codec(Codec):
                 stop = start + step
                 torch.mul(q_rows[start:stop], scale_col[start:stop], out=out_rows[start:stop])
         return out
-
-
-def _use_int8_triton(backend: str, device: torch.device) -> bool:
-    if backend != "auto":
-        return backend == "triton"
-    return device.type == "cuda" and _INT8_TRITON_FAILURE is None
-
-
-def _decode_int8_triton(q_rows: torch.Tensor, scale_col: torch.Tensor, out_rows: torch.Tensor, backend: str) -> bool:
-    """Run the Triton kernel; True when it ran.
-
-    With ``backend="auto"`` a kernel that fails to import, build or launch warns once and turns the
-    Triton path off for the process; with ``"triton"`` the error propagates.
-    """
-    global _INT8_TRITON_FAILURE
-    try:
-        from streamtune.quant.int8_triton import int8_decode_triton
-
-        int8_decode_triton(q_rows, scale_col.view(-1), out_rows)
-    except Exception as exc:
-        if backend == "triton":
-            raise
-        _INT8_TRITON_FAILURE = f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, ImportError):
-            warnings.warn(f"streamtune: Triton int8 decode failed, using the torch decode: {_INT8_TRITON_FAILURE}",
-                          stacklevel=3)
-        return False
-    return True

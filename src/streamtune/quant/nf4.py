@@ -22,7 +22,6 @@ every decoded value is ``absmax * NF4_LEVELS[index]`` with ``index`` the level n
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -30,6 +29,8 @@ import torch
 from streamtune.quant.base import (
     Codec,
     PartSpec,
+    TritonDecode,
+    check_decode_backend,
     check_float_dtype,
     check_segment,
     decode_target,
@@ -53,7 +54,6 @@ ENCODE_CHUNK_BLOCKS = 16384
 CPU_DECODE_CHUNK_BLOCKS = 1 << 14
 CUDA_DECODE_CHUNK_BLOCKS = 1 << 16  # torch fallback: 4 Mi elements, ~24 MB of temporaries
 MAX_ABSMAX_CODE = 255
-DECODE_BACKENDS = ("auto", "torch", "triton")
 
 # The 16 NF4 levels of QLoRA (Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1], with an
 # exact zero.
@@ -78,7 +78,7 @@ NF4_LEVELS = (
 NF4_MIDPOINTS = tuple((lo + hi) / 2 for lo, hi in zip(NF4_LEVELS[:-1], NF4_LEVELS[1:]))
 
 _TABLE_CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
-_TRITON_FAILURE: str | None = None
+_TRITON = TritonDecode("streamtune.quant.nf4_triton", "nf4_decode_triton", "NF4")
 
 
 def num_blocks(numel: int) -> int:
@@ -192,15 +192,15 @@ class Nf4Codec(Codec):
         Raises:
             ValueError: the parts or ``out`` do not match, or ``backend`` is unknown.
         """
-        if backend not in DECODE_BACKENDS:
-            raise ValueError(f"backend {backend!r} is unknown; allowed: {', '.join(DECODE_BACKENDS)}")
+        check_decode_backend(backend)
         shape, out = decode_target(self, parts, shape, dtype, out)
         device = out.device
         if out.numel() == 0:
             return out
         with torch.no_grad():
             absmax = self.block_absmax(parts)[: num_blocks(out.numel())]
-            if not (_use_triton(backend, device) and _decode_triton(parts["q"], absmax, out, backend)):
+            if not (_TRITON.wanted(backend, device)
+                    and _TRITON.run(backend, parts["q"], absmax, level_table(device), out.view(-1))):
                 _decode_torch(parts["q"], absmax, out.view(-1))
         return out
 
@@ -275,34 +275,6 @@ def _cached_table(kind: str, device: torch.device) -> torch.Tensor:
         table = levels.to(device)
         _TABLE_CACHE[key] = table
     return table
-
-
-def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return device.type == "cuda" and _TRITON_FAILURE is None and triton_available()
-
-
-def _decode_triton(q: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, backend: str) -> bool:
-    """Run the Triton kernel; True when it ran.
-
-    With ``backend="auto"`` a kernel that fails to build or launch (no compiler, unsupported GPU)
-    warns once and turns the Triton path off for the process; with ``"triton"`` the error propagates.
-    """
-    global _TRITON_FAILURE
-    from streamtune.quant.nf4_triton import nf4_decode_triton
-
-    try:
-        nf4_decode_triton(q, absmax, level_table(q.device), out.view(-1))
-    except Exception as exc:
-        if backend == "triton":
-            raise
-        _TRITON_FAILURE = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"streamtune: Triton NF4 decode failed, using the torch decode: {_TRITON_FAILURE}", stacklevel=3)
-        return False
-    return True
 
 
 def triton_available() -> bool:
