@@ -42,6 +42,7 @@ import torch
 
 import fused_pieces  # benchmarks/ is on sys.path when this file runs as a script
 
+LAUNCH = re.compile(r"cudaLaunchKernel|cuLaunchKernel|cudaGraphLaunch")
 CATEGORIES = (
     ("attention", r"flash|fmha|attention|attn|softmax|efficient"),
     ("gemm", r"gemm|sm90|cutlass|matmul|xmma|cublas|grouped|nvjet"),
@@ -324,29 +325,42 @@ def piece_model_fp32(args: argparse.Namespace, model: Any, adapter: Any) -> dict
             "grad_cosine_min": fast.get("grad_cosine_min", float("nan")), "speedup": float("nan")}
 
 
-def _profile(step: Callable[[], Any]) -> dict[str, Any]:
+def categorise(prof: Any) -> dict[str, Any]:
+    """Kernel ms per category of notes/profile-categories.md, launches, top kernels, synchronising runtime calls."""
     from torch.autograd import DeviceType
+
+    totals = {name: 0.0 for name, _ in CATEGORIES}
+    totals["elementwise/other"] = 0.0
+    kernels = []
+    launches, syncs = 0, {}
+    for evt in prof.key_averages():
+        name = evt.key
+        if LAUNCH.search(name):
+            launches += evt.count
+        if "Synchronize" in name or name in ("cudaMemcpy", "cudaMemcpyAsync"):
+            syncs[name] = syncs.get(name, 0) + evt.count
+        device_us = getattr(evt, "self_device_time_total", 0) or 0
+        # kernels only: Inductor's launcher records (named like their Triton kernel) and autograd functions carry
+        # the device time of what they launched too, which counted every compiled kernel twice (the 2026-11-30
+        # table's fast column)
+        if device_us <= 0 or name.startswith("aten::") or evt.device_type != DeviceType.CUDA:
+            continue
+        category = next((c for c, rx in CATEGORIES if re.search(rx, name.lower())), "elementwise/other")
+        totals[category] += device_us / 1e3
+        kernels.append((device_us / 1e3, evt.count, name[:110]))
+    kernels.sort(reverse=True)
+    return {"category_ms": {k: round(v, 1) for k, v in totals.items()}, "kernel_ms": round(sum(totals.values()), 1),
+            "launches": launches, "runtime_sync_calls": syncs, "top": kernels}
+
+
+def _profile(step: Callable[[], Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    totals = {name: 0.0 for name, _ in CATEGORIES}
-    totals["elementwise/other"] = 0.0
-    launches = 0
-    for entry in prof.key_averages():
-        if entry.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"):
-            launches += entry.count
-        device_us = getattr(entry, "self_device_time_total", 0) or 0
-        # kernels only: Inductor's launcher records (named like their Triton kernel) carry the kernel's device
-        # time too, which counted every compiled kernel twice (the 2026-11-30 table's fast column)
-        if device_us <= 0 or entry.key.startswith("aten::") or entry.device_type != DeviceType.CUDA:
-            continue
-        key = entry.key.lower()
-        category = next((name for name, rx in CATEGORIES if re.search(rx, key)), "elementwise/other")
-        totals[category] += device_us / 1e3
-    totals["total"] = sum(totals.values())
-    return {"ms": {k: round(v, 1) for k, v in totals.items()}, "launches": launches}
+    found = categorise(prof)
+    return {"ms": {**found["category_ms"], "total": found["kernel_ms"]}, "launches": found["launches"]}
 
 
 def _make_mask(make: Callable[..., Any], config: Any, embeds: Any, position_ids: Any) -> Any:

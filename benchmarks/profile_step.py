@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import sys
 import time
 import warnings
@@ -29,14 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.autograd import DeviceType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from fast_step import CATEGORIES  # noqa: E402  (the categories of notes/profile-categories.md)
-
-LAUNCH = re.compile(r"cudaLaunchKernel|cuLaunchKernel|cudaLaunchKernelExC|cudaGraphLaunch")
+from fast_step import CATEGORIES, categorise  # noqa: E402  (the categories of notes/profile-categories.md)
 
 
 def _args() -> argparse.Namespace:
@@ -56,31 +52,6 @@ def _args() -> argparse.Namespace:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=None)
     return p.parse_args()
-
-
-def categorise(prof: Any) -> dict[str, Any]:
-    """Kernel ms per category, launches, top kernels, synchronising runtime calls."""
-    totals = collections.Counter()
-    kernels = []
-    launches, syncs = 0, collections.Counter()
-    for evt in prof.key_averages():
-        name = evt.key
-        if LAUNCH.search(name):
-            launches += evt.count
-        if "Synchronize" in name or name in ("cudaMemcpy", "cudaMemcpyAsync"):
-            syncs[name] += evt.count
-        device_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
-        # kernels only: Inductor's launcher records (same name as the Triton kernel) and autograd functions
-        # also carry the device time of what they launched, which counted kernels twice
-        if device_us <= 0 or name.startswith("aten::") or evt.device_type != DeviceType.CUDA:
-            continue
-        low = name.lower()
-        category = next((c for c, rx in CATEGORIES if re.search(rx, low)), "elementwise/other")
-        totals[category] += device_us / 1e3
-        kernels.append((device_us / 1e3, evt.count, name[:110]))
-    kernels.sort(reverse=True)
-    return {"category_ms": {k: round(v, 1) for k, v in totals.items()}, "kernel_ms": round(sum(totals.values()), 1),
-            "launches": launches, "runtime_sync_calls": dict(syncs), "top": kernels}
 
 
 def sync_sites(step: Any) -> list[tuple[int, str]]:
