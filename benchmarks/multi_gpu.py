@@ -241,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args: argparse.Namespace, results: list[dict], predictions: dict) -> None:
-
     by_mode = {r["mode"]: r for r in results}
     print(f"\n{'mode':6} {'GPUs':>4} {'caps GiB':>9} {'tok/s':>8} {'step s':>7} {'host train GiB':>15} "
           f"{'job PSS GiB':>12} {'host peak GiB':>14}")
