@@ -12,7 +12,7 @@ from streamtune.kernels import apply_kernels, calls, reset, select_kernels
 from streamtune.kernels.experts import restore_stock_expert_lora, route, use_fast_expert_lora
 from streamtune.lora import attach_lora
 from streamtune.models.build import build_model
-from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+from tests.kernels.steps import labelled_batch, loss_and_grads
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 MOE_MODELS = ["tiny-gemma4", "tiny-qwen3-moe", "tiny-mixtral"]
@@ -37,21 +37,6 @@ def _expert_lora_model(name, targets=None):
 
 def _experts_modules(model):
     return [m for name, m in model.named_modules() if name.endswith("experts") and hasattr(m, "parameter_name")]
-
-
-def _batch(vocab, seq=24):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (2, seq), generator=gen)
-    labels = ids.clone()
-    labels[0, :5] = -100
-    return {"input_ids": ids, "labels": labels}
-
-
-def _loss_and_grads(model, adapter, batch, kernels=None):
-    model.zero_grad(set_to_none=True)
-    loss = lm_loss_sum(model, adapter, batch, 7, kernels) / count_valid_tokens(batch["labels"])
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _module_run(module, tokens=40, skewed=False, seed=0):
@@ -104,12 +89,12 @@ def test_fp32_experts_forward_backward_equals_peft_target_parameters(name, route
 @pytest.mark.parametrize("name", MOE_MODELS)
 def test_fp32_model_loss_and_lora_grads_equal_peft(name):
     model, adapter = _expert_lora_model(name, targets=["q_proj"])
-    batch = _batch(model.config.vocab_size)
-    ref_loss, ref_grads = _loss_and_grads(model, adapter, batch)
+    batch = labelled_batch(model.config.vocab_size)
+    ref_loss, ref_grads = loss_and_grads(model, adapter, batch)
     for route_name in ROUTES:
         use_fast_expert_lora(model, route_name)
         reset()
-        loss, grads = _loss_and_grads(model, adapter, batch)
+        loss, grads = loss_and_grads(model, adapter, batch)
         assert calls("expert_lora") == model.config.num_hidden_layers
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for key, ref in ref_grads.items():
@@ -119,18 +104,18 @@ def test_fp32_model_loss_and_lora_grads_equal_peft(name):
 
 def test_auto_takes_the_fast_path_and_eager_keeps_peft():
     model, adapter = _expert_lora_model("tiny-gemma4")
-    batch = _batch(model.config.vocab_size)
+    batch = labelled_batch(model.config.vocab_size)
     eager = select_kernels("eager", "cpu", "float32")
     applied = apply_kernels(model, eager)
     assert applied["expert_lora_modules"] == 0 and eager.expert_lora is None
     assert all("forward" not in vars(m) for m in _experts_modules(model))  # PEFT's own ParamWrapper.forward
     reset()
-    _loss_and_grads(model, adapter, batch, eager)
+    loss_and_grads(model, adapter, batch, eager)
     assert calls("expert_lora") == 0
     auto = select_kernels("auto", "cpu", "float32")
     assert auto.expert_lora == "loop" and auto.describe()["expert_lora"] == "loop"
     assert apply_kernels(model, auto)["expert_lora_modules"] == model.config.num_hidden_layers
-    _loss_and_grads(model, adapter, batch, auto)
+    loss_and_grads(model, adapter, batch, auto)
     assert calls("expert_lora") == calls("expert_lora_loop") == model.config.num_hidden_layers
 
 

@@ -9,7 +9,7 @@ from streamtune.kernels import apply_kernels, calls, reset, select_kernels
 from streamtune.kernels.lora import restore_stock_lora, use_compute_dtype_lora
 from streamtune.lora import attach_lora
 from streamtune.models.build import build_model
-from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+from tests.kernels.steps import labelled_batch, loss_and_grads
 
 
 def _lora_model(name, dtype, seed=1):
@@ -23,36 +23,21 @@ def _lora_model(name, dtype, seed=1):
     return model, adapter
 
 
-def _batch(vocab, seq=24):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (2, seq), generator=gen)
-    labels = ids.clone()
-    labels[0, :5] = -100
-    return {"input_ids": ids, "labels": labels}
-
-
-def _loss_and_grads(model, adapter, batch, kernels=None):
-    model.zero_grad(set_to_none=True)
-    loss = lm_loss_sum(model, adapter, batch, 7, kernels) / count_valid_tokens(batch["labels"])
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_fp32_fast_lora_equals_peft():
     for name in ("tiny-gemma4", "tiny-llama"):
         model, adapter = _lora_model(name, torch.float32)
-        batch = _batch(model.config.vocab_size)
-        ref_loss, ref_grads = _loss_and_grads(model, adapter, batch)
+        batch = labelled_batch(model.config.vocab_size)
+        ref_loss, ref_grads = loss_and_grads(model, adapter, batch)
         reset()
         assert use_compute_dtype_lora(model) > 0
-        loss, grads = _loss_and_grads(model, adapter, batch)
+        loss, grads = loss_and_grads(model, adapter, batch)
         assert calls("lora_compute_dtype") > 0
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for key, ref in ref_grads.items():
             torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-6)
         restore_stock_lora(model)
         reset()
-        _loss_and_grads(model, adapter, batch)
+        loss_and_grads(model, adapter, batch)
         assert calls("lora_compute_dtype") == 0
 
 
@@ -79,18 +64,18 @@ def test_apply_kernels_patches_bf16_lora_only_when_selected():
     applied = apply_kernels(model, select_kernels("auto", "cpu", "bfloat16"))
     assert applied["lora_layers"] == 4 * model.config.num_hidden_layers
     reset()
-    _loss_and_grads(model, adapter, _batch(model.config.vocab_size), select_kernels("auto", "cpu", "bfloat16"))
+    loss_and_grads(model, adapter, labelled_batch(model.config.vocab_size), select_kernels("auto", "cpu", "bfloat16"))
     assert calls("lora_compute_dtype") == 4 * model.config.num_hidden_layers
     assert calls("fused_linear_ce") == 1
 
 
 def test_mixtral_fp32_auto_matches_eager():
     model, adapter = _lora_model("tiny-mixtral", torch.float32)
-    batch = _batch(model.config.vocab_size)
-    ref_loss, ref_grads = _loss_and_grads(model, adapter, batch)
+    batch = labelled_batch(model.config.vocab_size)
+    ref_loss, ref_grads = loss_and_grads(model, adapter, batch)
     choice = select_kernels("auto", "cpu", "float32")
     apply_kernels(model, choice)
-    loss, grads = _loss_and_grads(model, adapter, batch, choice)
+    loss, grads = loss_and_grads(model, adapter, batch, choice)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     for key, ref in ref_grads.items():
         torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-6)
