@@ -70,6 +70,10 @@ def worker(args: argparse.Namespace) -> int:
 
     import streamtune.offload as offload
 
+    if os.environ.get("STREAMTUNE_DUMP_AFTER_S"):  # a stalled job prints every thread's stack, repeatedly
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["STREAMTUNE_DUMP_AFTER_S"]), repeat=True)
     if args.num_layers:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
     # the process ends after training: skip decoding every layer back into CPU tensors (minutes and a bf16
@@ -122,7 +126,7 @@ def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, to
         "memory": {"codec": args.codec},
         "train": {"max_steps": args.steps, "lr": 1e-4, "warmup_steps": 1, "batch_size": 1, "grad_accum": grad_accum,
                   "device": args.device, "save_every": 0},
-        "output": {"dir": str(root / name), "progress": False},
+        "output": {"dir": str(root / name), "progress": True},
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -133,7 +137,8 @@ def _echo(stream: Any, log: list[str], name: str) -> None:
     """Keep the job's output and echo it as it comes, so a run cut short still shows how far each mode got."""
     for line in stream:
         log.append(line)
-        if not line.startswith("W1"):  # Dynamo's recompile warnings: kept in the log, not echoed
+        # Dynamo's recompile warnings: kept in the log; only their first lines are echoed
+        if not line.startswith("W1") or any(k in line for k in ("recompile_limit", "function:", "last reason")):
             print(f"  [{name}] {line}", end="", flush=True)
 
 

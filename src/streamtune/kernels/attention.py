@@ -29,9 +29,9 @@ def _flex_kernel(device_type: str) -> Any:
     if device_type != "cuda":
         return flex_attention
     if _STATE["compiled"] is None:
-        import torch
+        from streamtune.kernels.compiling import compile_fn
 
-        _STATE["compiled"] = torch.compile(flex_attention, dynamic=False)
+        _STATE["compiled"] = compile_fn(flex_attention, dynamic=False)
     return _STATE["compiled"]
 
 

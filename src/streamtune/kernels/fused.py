@@ -67,20 +67,14 @@ _FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-# Problem: Dynamo specialises the feature size even with dynamic=True, and Gemma4 calls one norm function
-# with 2816-, 512- and 256-wide rows (hidden, global and sliding heads), forward and backward: on the
-# H200 the 26B preset hit the default limit of 8 compiled variants, and every later call paid the guard
-# checks of all 8 before running eagerly. Solution: allow enough variants for every width of a model.
-RECOMPILE_LIMIT = 64
-
-
 def compiled(name: str) -> Callable[..., torch.Tensor]:
     """The process-wide compiled form of the function ``name`` (created on first use)."""
     table = _STATE["compiled"]
     if name not in table:
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        table[name] = torch.compile(_FUNCTIONS[name], dynamic=True)
+        from streamtune.kernels.compiling import compile_fn
+
+        # the recompile limit and float specialisation it sets: see kernels.compiling
+        table[name] = compile_fn(_FUNCTIONS[name], dynamic=True)
     return table[name]
 
 

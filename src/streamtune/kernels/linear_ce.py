@@ -52,7 +52,9 @@ def _elementwise(compile_: bool) -> Any:
     if not compile_:
         return softcap_ce_rows
     if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(softcap_ce_rows, dynamic=True)
+        from streamtune.kernels.compiling import compile_fn
+
+        _COMPILED["fn"] = compile_fn(softcap_ce_rows, dynamic=True)
     return _COMPILED["fn"]
 
 

@@ -35,11 +35,11 @@ def _inner_forward(cls: type) -> Any:
 
 
 def _compiled_forward(cls: type) -> Any:
-    import torch
+    from streamtune.kernels.compiling import compile_fn
 
     table = _STATE["compiled"]
     if cls not in table:
-        table[cls] = torch.compile(_inner_forward(cls), dynamic=True)
+        table[cls] = compile_fn(_inner_forward(cls), dynamic=True)
     return table[cls]
 
 

@@ -1,0 +1,37 @@
+"""One ``torch.compile`` entry for every compiled piece of the fast path, with the Dynamo settings they need.
+
+Problem 1: Dynamo treats every Python float argument of a ``dynamic=True`` compile as a runtime input
+(``specialize_float`` is off by default): the norm ``eps``, the norm weight offset and the loss soft-cap each
+became a 0-dim fp64 *CPU* tensor read back with ``.item()``. Inductor then generated and built C++ for the CPU
+side of every variant (seen on two H200s: the layer-split run and its in-process test sat in
+``cpu_vec_isa.check_build``/C++ codegen of the final RMSNorm for minutes, one build per device, width and
+grad mode), and every call paid two extra host reads. Solution: specialise floats; they are constants of a
+model (a handful of values), so each is a guard, not an input.
+
+Problem 2: Gemma4 calls one norm function with 2816-, 512- and 256-wide rows, forward and backward, on every
+GPU of a layer split: the default limit of 8 compiled variants was hit on one H200, and every later call paid
+the guard checks of all 8 before running eagerly. Solution: allow enough variants for every width of a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+RECOMPILE_LIMIT = 64
+
+
+def configure_dynamo() -> None:
+    """Apply the process-wide Dynamo settings above (idempotent; never lowers a limit the user raised)."""
+    import torch
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.specialize_float = True
+
+
+def compile_fn(fn: Callable[..., Any], dynamic: bool) -> Callable[..., Any]:
+    """``torch.compile(fn, dynamic=dynamic)`` after :func:`configure_dynamo`."""
+    import torch
+
+    configure_dynamo()
+    return torch.compile(fn, dynamic=dynamic)

@@ -1,0 +1,59 @@
+"""The fast path's compile settings: floats are constants of the graph (no CPU scalar inputs), a new value
+recompiles instead of reusing a graph, and enough variants are allowed for a model's widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamtune.kernels import compiling
+from streamtune.kernels.fused import rms_norm_scaled
+
+
+class _Recorder:
+    """A Dynamo backend that keeps every graph it is given and runs it eagerly."""
+
+    def __init__(self):
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs.append(gm)
+        return gm.forward
+
+
+def _placeholder_values(gm: torch.fx.GraphModule) -> list:
+    return [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+
+
+@pytest.fixture(autouse=True)
+def _dynamo_config():
+    """Each test sees, and leaves, the process's Dynamo settings as they were."""
+    config = torch._dynamo.config
+    saved = config.recompile_limit, config.specialize_float
+    yield config
+    config.recompile_limit, config.specialize_float = saved
+
+
+def test_floats_are_graph_constants_and_a_new_value_recompiles():
+    torch._dynamo.reset()
+    compiling.configure_dynamo()
+    recorder = _Recorder()
+    fn = torch.compile(rms_norm_scaled, dynamic=True, backend=recorder)
+    x, w = torch.randn(6, 32), torch.randn(32)
+    for eps in (1e-6, 1e-6, 1e-5):
+        torch.testing.assert_close(fn(x, w, eps, 1.0), rms_norm_scaled(x, w, eps, 1.0))
+    assert len(recorder.graphs) == 2  # one graph per eps value, reused for the repeated one
+    for gm in recorder.graphs:
+        tensors = [v for v in _placeholder_values(gm) if isinstance(v, torch.Tensor)]
+        # x and weight only: no 0-dim fp64 CPU tensor standing for eps or the offset
+        assert [t.dim() for t in tensors] == [2, 1], [(t.shape, t.dtype) for t in tensors]
+
+
+def test_settings_never_lower_a_users_limit(_dynamo_config):
+    config = _dynamo_config
+    config.recompile_limit = 4
+    compiling.configure_dynamo()
+    assert config.recompile_limit == compiling.RECOMPILE_LIMIT and config.specialize_float
+    config.recompile_limit = 500
+    compiling.compile_fn(rms_norm_scaled, dynamic=True)
+    assert config.recompile_limit == 500
