@@ -99,21 +99,26 @@ def _used_bytes() -> int:
     return info["MemTotal"] - info["MemAvailable"]
 
 
-def _job_pss_bytes(pid: int) -> int:
-    """Proportional set size of a process tree: shared pages count once over the processes that map them."""
+def _job_pss_bytes(pid: int) -> tuple[int, int]:
+    """Proportional set size of a process tree (shared pages count once over the processes that map them):
+    ``(ranks, others)``, the trainer ranks and the rest (the launcher, Inductor's compile workers)."""
     import psutil
 
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    ranks = others = 0
     for proc in procs:
         try:
-            total += proc.memory_full_info().pss
+            pss = proc.memory_full_info().pss
+            if "LOCAL_RANK" in proc.environ():  # torchrun sets it for the ranks (and their children) only
+                ranks += pss
+            else:
+                others += pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total
+    return ranks, others
 
 
 def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, tokenizer_dir: Path) -> Path:
@@ -157,23 +162,29 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
         env["STREAMTUNE_RANK_MICRO_BATCHES"] = ",".join(map(str, split))
     metrics = root / name / "metrics.jsonl"
     baseline = _used_bytes()
-    samples: list[tuple[bool, int, int]] = []
+    # (phase, bytes in use, PSS of the ranks, PSS of the job's other processes); phase 0: loading,
+    # 1: first step (compiles), 2: later steps (what a long run keeps)
+    samples: list[tuple[int, int, int, int]] = []
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     reader = threading.Thread(target=_echo, args=(proc.stdout, log, name), daemon=True)
     reader.start()
     while proc.poll() is None:
-        training = metrics.is_file() and not (root / name / "adapter").exists()
-        samples.append((training, _used_bytes() - baseline, _job_pss_bytes(proc.pid)))
+        steps = len(metrics.read_text().splitlines()) if metrics.is_file() else -1
+        phase = 0 if steps < 0 or (root / name / "adapter").exists() else 1 if steps < 1 else 2
+        samples.append((phase, _used_bytes() - baseline, *_job_pss_bytes(proc.pid)))
         time.sleep(0.5)
     reader.join(timeout=5)
     wall_s = time.perf_counter() - started
     result = {"mode": name, "ranks": ranks, "caps_gib": caps, "grad_accum": grad_accum, "split": split,
               "returncode": proc.returncode, "wall_s": wall_s,
-              "host_train_bytes": max([b for t, b, _ in samples if t], default=None),
-              "host_peak_bytes": max([b for _, b, _ in samples], default=None),
-              "host_train_pss_bytes": max([p for t, _, p in samples if t], default=None)}
+              "host_train_bytes": max([b for t, b, _, _ in samples if t], default=None),
+              "host_peak_bytes": max([b for _, b, _, _ in samples], default=None),
+              "host_train_pss_bytes": max([r + o for t, _, r, o in samples if t], default=None),
+              "host_steady_bytes": max([b for t, b, _, _ in samples if t == 2], default=None),
+              "host_steady_rank_pss_bytes": max([r for t, _, r, _ in samples if t == 2], default=None),
+              "host_steady_other_pss_bytes": max([o for t, _, _, o in samples if t == 2], default=None)}
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     timed = records[1:] or records
     if timed:
@@ -261,6 +272,14 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
               f"{((two['host_train_bytes'] or 0) - (one['host_train_bytes'] or 0)) / GIB:.1f} GiB host RAM in use, "
               f"{((two['host_train_pss_bytes'] or 0) - (one['host_train_pss_bytes'] or 0)) / GIB:.1f} GiB job PSS "
               f"(target < 2 GB)")
+        if one.get("host_steady_bytes") is not None and two.get("host_steady_bytes") is not None:
+            def delta_gb(key: str) -> float:
+                return ((two[key] or 0) - (one[key] or 0)) / 1e9
+
+            print(f"after the first step (compiles done): second rank adds {delta_gb('host_steady_bytes'):.2f} GB in "
+                  f"use, {delta_gb('host_steady_rank_pss_bytes'):.2f} GB PSS of the ranks and "
+                  f"{delta_gb('host_steady_other_pss_bytes'):.2f} GB of the job's other processes (launcher, "
+                  f"compile workers)")
     dp, ls = predictions["data_parallel"], predictions["layer_split"]
     print(f"caps {args.caps} GiB predicted (h200 profile): data parallel {dp['step_seconds'] if dp else float('nan'):.2f} s/step "
           f"(split {dp['split'] if dp else None}), layer split {ls['step_seconds'] if ls else float('nan'):.2f} s/step "
