@@ -8,7 +8,10 @@ import torch
 from streamtune.config import LoraConfig
 from streamtune.lora import attach_lora
 from streamtune.models.build import build_model
-from streamtune.train.loss import chunked_lm_loss_sum, count_valid_tokens, lm_loss_sum
+from streamtune.train.loss import (
+    LOSS_POSITIONS_KEY, chunked_lm_loss_sum, count_valid_tokens, lm_loss_sum, loss_positions, shift_labels,
+)
+from streamtune.train.support import to_device
 
 
 def _batch(vocab: int, seed: int = 0, batch: int = 2, seq: int = 24):
@@ -40,6 +43,26 @@ def test_loss_matches_model_loss(lora_model, chunk_tokens):
     got = total / count_valid_tokens(batch["labels"])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_positions_come_with_the_batch_and_are_used(lora_model):
+    model, adapter = lora_model
+    batch = _batch(model.config.vocab_size, seed=5)
+    moved = to_device(batch, "cpu")
+    positions = moved[LOSS_POSITIONS_KEY]
+    flat = shift_labels(batch["labels"]).reshape(-1)
+    assert positions.tolist() == [i for i, t in enumerate(flat.tolist()) if t != -100]
+    assert positions.numel() == count_valid_tokens(batch["labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(lm_loss_sum(model, adapter, moved, 7), lm_loss_sum(model, adapter, batch, 7),
+                                   rtol=1e-6, atol=1e-6)
+        # the given positions are the ones summed: three of them give those three tokens' losses
+        some = {**moved, LOSS_POSITIONS_KEY: positions[:3]}
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits.reshape(-1, model.config.vocab_size)
+        expected = torch.nn.functional.cross_entropy(logits[positions[:3]].float(), flat[positions[:3]],
+                                                     reduction="sum")
+        torch.testing.assert_close(lm_loss_sum(model, adapter, some, 7), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(loss_positions(batch["labels"]), positions)
 
 
 def test_gradients_match_model_loss(lora_model):

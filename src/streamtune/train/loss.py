@@ -14,6 +14,8 @@ from typing import Any
 from streamtune.models import decoder, lm_head
 
 IGNORE_INDEX = -100
+# the batch key of :func:`loss_positions` (added by ``train.support.to_device``; not a model input)
+LOSS_POSITIONS_KEY = "loss_positions"
 
 
 def shift_labels(labels: Any) -> Any:
@@ -22,6 +24,16 @@ def shift_labels(labels: Any) -> Any:
 
     pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
     return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def loss_positions(labels: Any) -> Any:
+    """Flat indices of the positions of ``labels`` [B, T] (unshifted) that carry a loss, ascending.
+
+    Problem: computed from labels on the GPU, ``nonzero`` makes the host wait for the GPU once per micro-batch
+    (its output size is data-dependent), which drains the launch queue mid-step. Solution: the batch's CPU
+    labels give the same indices before it moves (:func:`streamtune.train.support.to_device` adds them).
+    """
+    return (shift_labels(labels).reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def count_valid_tokens(labels: Any) -> int:
@@ -39,13 +51,14 @@ def _chunk_loss_sum(hidden: Any, targets: Any, head: Any, softcap: float | None)
 
 
 def chunked_lm_loss_sum(hidden: Any, labels: Any, head: Any, softcap: float | None, chunk_tokens: int,
-                        kernels: Any = None) -> Any:
+                        kernels: Any = None, positions: Any = None) -> Any:
     """Sum of the token cross-entropies of ``hidden`` [B, T, H] against unshifted ``labels`` [B, T].
 
     Args:
         hidden: final hidden states (after the decoder's final norm).
         labels: token ids, -100 where no loss is wanted.
         head: the output projection module.
+        positions: :func:`loss_positions` of ``labels`` on ``hidden``'s device, if known (saves a host sync).
         softcap: final logit soft-cap (Gemma), or None.
         chunk_tokens: positions per chunk; bounds the fp32 logits to ``chunk_tokens * vocab``.
         kernels: a :class:`~streamtune.kernels.KernelChoice`; with ``fused_linear_ce`` (and a head
@@ -59,7 +72,7 @@ def chunked_lm_loss_sum(hidden: Any, labels: Any, head: Any, softcap: float | No
 
     targets = shift_labels(labels).reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    index = positions if positions is not None else loss_positions(labels)
     total = hidden.new_zeros((), dtype=torch.float32)
     if index.numel() == 0:
         return total + 0.0 * hidden.sum()
@@ -99,7 +112,8 @@ def lm_loss_sum(model: Any, arch_adapter: Any, batch: dict[str, Any], chunk_toke
     """
     hidden = final_hidden_states(model, batch)
     softcap = arch_adapter.logit_softcap(_config(model))
-    return chunked_lm_loss_sum(hidden, batch["labels"], lm_head(model), softcap, chunk_tokens, kernels)
+    return chunked_lm_loss_sum(hidden, batch["labels"], lm_head(model), softcap, chunk_tokens, kernels,
+                               batch.get(LOSS_POSITIONS_KEY))
 
 
 def _config(model: Any) -> Any:

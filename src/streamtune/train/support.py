@@ -12,6 +12,12 @@ def due(step: int, every: int, max_steps: int, at_end: bool) -> bool:
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The batch's tensors on ``device``, plus the loss positions of its labels, computed before the move."""
+    from streamtune.train.loss import LOSS_POSITIONS_KEY, loss_positions
+
+    labels = batch.get("labels")
+    if labels is not None and labels.device.type == "cpu" and LOSS_POSITIONS_KEY not in batch:
+        batch = {**batch, LOSS_POSITIONS_KEY: loss_positions(labels)}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
 
 
