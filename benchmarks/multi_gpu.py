@@ -139,12 +139,14 @@ def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, to
 
 
 def _echo(stream: Any, log: list[str], name: str) -> None:
-    """Keep the job's output and echo it as it comes, so a run cut short still shows how far each mode got."""
+    """Keep the job's output and echo it as it comes, so a run cut short still shows how far each mode got;
+    each echoed line starts with the seconds since the mode started (where its setup time goes)."""
+    started = time.perf_counter()
     for line in stream:
         log.append(line)
         # Dynamo's recompile warnings: kept in the log; only their first lines are echoed
         if not line.startswith("W1") or any(k in line for k in ("recompile_limit", "function:", "last reason")):
-            print(f"  [{name}] {line}", end="", flush=True)
+            print(f"  [{name} {time.perf_counter() - started:5.0f}s] {line}", end="", flush=True)
 
 
 def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps: list[float], grad_accum: int,

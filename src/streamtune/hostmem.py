@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import resource
 from pathlib import Path
+from typing import Any
 
 
 def rss_bytes() -> int:
@@ -34,14 +36,23 @@ def release_free_heap() -> None:
     up to 32 MiB come from the heap, and their pages stay resident after ``free`` while packed layer
     buffers sit between them: RSS then counts the transient unpacked layers on top of the packs.
     """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    """glibc, found once: ``find_library`` runs ``ldconfig`` in a subprocess (about 2 ms), and the loaders
+    call :func:`release_free_heap` once per tensor (hundreds of times per model). None where there is none."""
     import ctypes
     import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None

@@ -1,0 +1,22 @@
+"""Host memory readings and giving freed heap pages back."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from streamtune import hostmem
+
+
+def test_peak_is_at_least_the_resident_set():
+    assert hostmem.peak_rss_bytes() >= hostmem.rss_bytes() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_free_heap_finds_libc_once():
+    hostmem._libc.cache_clear()
+    for _ in range(3):
+        hostmem.release_free_heap()
+    info = hostmem._libc.cache_info()
+    assert hostmem._libc() is not None and info.misses == 1 and info.hits >= 2
