@@ -286,8 +286,33 @@ def init_from_env(device_name: str = "auto") -> tuple[DistContext, Any]:
         torch.cuda.set_device(device)
     ctx.backend = "nccl" if wants_cuda else "gloo"
     ctx.device = device
+    share_compile_workers(ctx.local_world_size)
     _init_group(ctx, device)
     return ctx, device
+
+
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
+
+
+def share_compile_workers(local_world_size: int) -> int | None:
+    """Give each local rank its share of the host's cores for Inductor's compile workers; returns the share.
+
+    Problem: every process that compiles starts Inductor's pool of ``min(32, cores)`` worker processes, so N
+    local ranks start N full pools: N times the workers' host memory (likely part of the 2.07 GB the second
+    rank added on two H200s; not separated there) and N times more compile processes than cores. Solution: ``cores // N`` workers per
+    rank, the same total as one process. A ``TORCHINDUCTOR_COMPILE_THREADS`` the user set is kept (None).
+    """
+    import sys
+
+    if local_world_size <= 1 or COMPILE_THREADS_ENV in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, min(32, cores) // local_world_size)
+    os.environ[COMPILE_THREADS_ENV] = str(share)  # read when torch._inductor.config is first imported
+    config = sys.modules.get("torch._inductor.config")
+    if config is not None:  # imported already: its pool starts at the first compile, so this still counts
+        config.compile_threads = share
+    return share
 
 
 def _init_group(ctx: DistContext, device: Any) -> None:
