@@ -79,3 +79,35 @@ def test_mixtral_fp32_auto_matches_eager():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     for key, ref in ref_grads.items():
         torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_casts_are_made_once_per_weight_version():
+    """The bf16 copies of A and B serve every pass until the optimizer changes the weights; the gradients
+    reaching the fp32 master weights are those of a plain cast."""
+    model, _ = _lora_model("tiny-llama", torch.bfloat16)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16)
+    weight_a = layer.lora_A["default"].weight
+    ref = layer(x)
+    (ref_grad,) = torch.autograd.grad(ref.float().square().sum(), weight_a)
+    use_compute_dtype_lora(model)
+    reset()
+    grads = []
+    for _ in range(3):  # forward, recompute, next micro-batch: the same weights
+        (grad,) = torch.autograd.grad(layer(x).float().square().sum(), weight_a)
+        grads.append(grad)
+    with torch.no_grad():
+        layer(x)
+    assert calls("lora_cast") == 2  # A and B, once
+    assert all(g.dtype == torch.float32 and torch.equal(g, grads[0]) for g in grads)
+    assert torch.nn.functional.cosine_similarity(grads[0].flatten(), ref_grad.flatten(), dim=0) > 0.99
+    with torch.no_grad():
+        weight_a.add_(1.0)  # what an optimizer step does: an in-place update
+    reset()
+    moved = layer(x)
+    assert calls("lora_cast") == 1  # A again; B unchanged
+    expected = layer.base_layer(x).float() + layer.scaling["default"] * (
+        x.float() @ weight_a.to(torch.bfloat16).float().t() @ layer.lora_B["default"].weight.to(torch.bfloat16).float().t())
+    torch.testing.assert_close(moved.float(), expected, rtol=3e-2, atol=3e-2)
+    restore_stock_lora(model)
+    assert "_streamtune_lora_casts" not in layer.__dict__
