@@ -59,6 +59,9 @@ def test_each_engine_packs_only_its_range():
     assert sorted(placement.engines[0].packs) == [0, 1, 2]
     assert sorted(placement.engines[1].packs) == [3]
     assert placement.describe()["host_bytes"] == one.host_bytes
+    # the run summary's ring line reads these (it printed "ring None slots" for a split)
+    assert {k: placement.describe()[k] for k in ("ring_slots", "prefetch")} == {
+        k: one.describe()[k] for k in ("ring_slots", "prefetch")}
     assert set(placement.tensor_codecs()) == set(one.tensor_codecs())
     placement.close()
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in decoder_layers(model))

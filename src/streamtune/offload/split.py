@@ -202,6 +202,8 @@ class SplitPlacement:
             "streamed_layers": [i for d in per for i in d["streamed_layers"]],
             "resident_layers": [i for d in per for i in d["resident_layers"]],
             "codec": per[0]["codec"], "host_bytes": sum(d["host_bytes"] for d in per),
+            # every engine is built with the same memory.ring_slots and memory.prefetch
+            "ring_slots": max(d["ring_slots"] for d in per), "prefetch": per[0]["prefetch"],
             "gpu_ring_bytes": sum(d["gpu_ring_bytes"] for d in per),
             "gpu_resident_bytes": sum(d["gpu_resident_bytes"] for d in per),
             "layer_split": [{"device": str(e.device), "layers": list(r), **d}
