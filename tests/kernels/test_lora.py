@@ -106,8 +106,9 @@ def test_bf16_casts_are_made_once_per_weight_version():
     reset()
     moved = layer(x)
     assert calls("lora_cast") == 1  # A again; B unchanged
+    weight_b = layer.lora_B["default"].weight
     expected = layer.base_layer(x).float() + layer.scaling["default"] * (
-        x.float() @ weight_a.to(torch.bfloat16).float().t() @ layer.lora_B["default"].weight.to(torch.bfloat16).float().t())
+        x.float() @ weight_a.to(torch.bfloat16).float().t() @ weight_b.to(torch.bfloat16).float().t())
     torch.testing.assert_close(moved.float(), expected, rtol=3e-2, atol=3e-2)
     restore_stock_lora(model)
     assert "_streamtune_lora_casts" not in layer.__dict__

@@ -299,8 +299,9 @@ def share_compile_workers(local_world_size: int) -> int | None:
 
     Problem: every process that compiles starts Inductor's pool of ``min(32, cores)`` worker processes, so N
     local ranks start N full pools: N times the workers' host memory (likely part of the 2.07 GB the second
-    rank added on two H200s; not separated there) and N times more compile processes than cores. Solution: ``cores // N`` workers per
-    rank, the same total as one process. A ``TORCHINDUCTOR_COMPILE_THREADS`` the user set is kept (None).
+    rank added on two H200s; not separated there) and N times more compile processes than cores.
+    Solution: ``cores // N`` workers per rank, the same total as one process. A ``TORCHINDUCTOR_COMPILE_THREADS``
+    the user set is kept (None).
     """
     import sys
 

@@ -25,7 +25,7 @@ _CAST_CACHE = "_streamtune_lora_casts"
 
 
 class _CastOnce(torch.autograd.Function):
-    """forward(weight, copy) -> ``copy`` (``weight`` already cast); backward: the gradient cast to ``weight``'s dtype."""
+    """forward(weight, copy) -> ``copy`` (``weight``, cast already); backward: the gradient in ``weight``'s dtype."""
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:

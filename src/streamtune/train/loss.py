@@ -58,11 +58,11 @@ def chunked_lm_loss_sum(hidden: Any, labels: Any, head: Any, softcap: float | No
         hidden: final hidden states (after the decoder's final norm).
         labels: token ids, -100 where no loss is wanted.
         head: the output projection module.
-        positions: :func:`loss_positions` of ``labels`` on ``hidden``'s device, if known (saves a host sync).
         softcap: final logit soft-cap (Gemma), or None.
         chunk_tokens: positions per chunk; bounds the fp32 logits to ``chunk_tokens * vocab``.
         kernels: a :class:`~streamtune.kernels.KernelChoice`; with ``fused_linear_ce`` (and a head
             without bias) the chunks go through :func:`streamtune.kernels.linear_softcap_ce_sum`.
+        positions: :func:`loss_positions` of ``labels`` on ``hidden``'s device, if known (saves a host sync).
 
     Returns:
         A 0-dim fp32 tensor (0 when no position has a label).
