@@ -110,5 +110,12 @@ def test_bf16_casts_are_made_once_per_weight_version():
     expected = layer.base_layer(x).float() + layer.scaling["default"] * (
         x.float() @ weight_a.to(torch.bfloat16).float().t() @ weight_b.to(torch.bfloat16).float().t())
     torch.testing.assert_close(moved.float(), expected, rtol=3e-2, atol=3e-2)
+    # fused AdamW changes the weights without bumping their version counters: the step hook renews the copies
+    weight_a.grad = torch.ones_like(weight_a)
+    before = layer(x)
+    reset()
+    torch.optim.AdamW([weight_a], lr=0.5, fused=True).step()
+    after = layer(x)
+    assert calls("lora_cast") == 2 and not torch.equal(after, before)
     restore_stock_lora(model)
     assert "_streamtune_lora_casts" not in layer.__dict__

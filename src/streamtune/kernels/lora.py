@@ -8,7 +8,9 @@ matrices are cast down instead (``r x in`` and ``out x r`` elements) and the upd
 
 The cast copies are made once per weight version (:class:`_CastOnce`): a weight changes only at the
 optimizer step, but the forward, the streamed recompute and every micro-batch each cast it again, two
-cast kernels per adapted projection and pass (about 840 launches per 26B micro-batch).
+cast kernels per adapted projection and pass (about 840 launches per 26B micro-batch). A copy is renewed
+after any optimizer step (a global step hook: fused AdamW updates weights without bumping their version
+counter, measured on the CPU) and after any in-place change of the weight (its version counter).
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ from streamtune.kernels.counters import count
 
 _PATCH_FLAG = "_streamtune_compute_dtype_lora"
 _CAST_CACHE = "_streamtune_lora_casts"
+_STEPS: dict[str, Any] = {"count": 0, "hook": None}
+
+
+def _count_step(*_: Any) -> None:
+    _STEPS["count"] += 1
+
+
+def _watch_optimizer_steps() -> None:
+    """Count every optimizer step in this process (idempotent), whatever the optimizer's implementation."""
+    if _STEPS["hook"] is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEPS["hook"] = register_optimizer_step_post_hook(_count_step)
 
 
 class _CastOnce(torch.autograd.Function):
@@ -38,13 +53,14 @@ class _CastOnce(torch.autograd.Function):
 
 
 def cast_weight(module: Any, key: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight.to(dtype)`` with autograd, cast once per version of ``weight`` (an in-place optimizer update or
-    ``load_state_dict`` bumps it) and kept on ``module``; inside a compiled region a plain cast."""
+    """``weight.to(dtype)`` with autograd, cast once per optimizer step and version of ``weight`` (an in-place
+    change or ``load_state_dict`` bumps it) and kept on ``module``; inside a compiled region a plain cast."""
     if weight.dtype == dtype or torch.compiler.is_compiling():
         return weight.to(dtype)
     cache = module.__dict__.setdefault(_CAST_CACHE, {})
     hit = cache.get(key)
-    version = (weight._version, weight.data_ptr())  # a ``.data`` swap keeps no version count, but moves the bytes
+    # a ``.data`` swap keeps no version count, but moves the bytes
+    version = (_STEPS["count"], weight._version, weight.data_ptr())
     if hit is None or hit[0] != version or hit[1].dtype != dtype or hit[1].device != weight.device:
         with torch.no_grad():
             hit = cache[key] = (version, weight.to(dtype))
@@ -84,6 +100,7 @@ def use_compute_dtype_lora(model: Any) -> int:
     """
     from peft.tuners.lora.layer import Linear
 
+    _watch_optimizer_steps()
     patched = 0
     for module in model.modules():
         if type(module) is Linear and not getattr(module, _PATCH_FLAG, False):
