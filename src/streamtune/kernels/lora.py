@@ -6,7 +6,7 @@ adapted layer, forward and backward (~2000 dtype-copy kernels per 26B step). Her
 matrices are cast down instead (``r x in`` and ``out x r`` elements) and the update is one
 ``addmm`` onto the base output; the optimizer still sees fp32 parameters and fp32 gradients.
 
-The cast copies are made once per weight version (:class:`_CastOnce`): a weight changes only at the
+The cast copies are kept until the weights change (:class:`_CastOnce`): a weight changes only at the
 optimizer step, but the forward, the streamed recompute and every micro-batch each cast it again, two
 cast kernels per adapted projection and pass (about 840 launches per 26B micro-batch). A copy is renewed
 after any optimizer step (a global step hook: fused AdamW updates weights without bumping their version
