@@ -6,8 +6,8 @@ became a 0-dim fp64 *CPU* tensor read back with ``.item()``, so Inductor generat
 side of every variant (one per device, width and grad mode), and every call paid two extra host reads. On two
 H200s the 26B layer split ran 9.5 minutes (7 after loading) without finishing a step, and stack dumps of a
 12-layer cut of it and of its in-process test (tiny model) both found the main thread in
-``cpu_vec_isa.check_build``, building C++ for the final RMSNorm. Solution: specialise floats; they are constants of a model (a handful of values), so each is a
-guard, not an input.
+``cpu_vec_isa.check_build``, building C++ for the final RMSNorm. Solution: specialise floats; they are
+constants of a model (a handful of values), so each is a guard, not an input.
 
 Problem 2: Gemma4 calls one norm function with 2816-, 512- and 256-wide rows, forward and backward, on every
 GPU of a layer split: the default limit of 8 compiled variants was hit on one H200, and every later call paid
