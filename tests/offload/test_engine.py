@@ -185,3 +185,25 @@ def test_unpinned_host_buffer_has_the_exact_size():
 
     buffer = alloc_host_buffer(1000, pin=False)
     assert buffer.numel() == 1000 and buffer.dtype == torch.uint8
+
+
+def test_bind_views_are_built_once_per_slot_and_dropped_with_the_ring(monkeypatch):
+    import streamtune.offload.engine as engine_module
+
+    built = []
+    original = engine_module.bind_views
+    monkeypatch.setattr(engine_module, "bind_views", lambda *a: built.append(a[0].index) or original(*a))
+    model, _ = lora_model("tiny-qwen3-moe", experts=True)
+    reference = copy.deepcopy(model)
+    _codec_roundtrip_(reference, "int8")
+    StreamEngine(reference, "cpu", streamed=[])
+    data = batches(4, seed=6)
+    expected = train_steps(reference, data, grad_accum=2)
+    engine = StreamEngine(model, "cpu", streamed=[0, 1, 2], codec="int8", num_slots=2)
+    assert_same(expected, train_steps(model, data, grad_accum=2))
+    # 3 layers over 2 slots: each layer has met at most both slots, however many passes ran
+    assert len(built) == len(engine._bind_views) <= 3 * 2
+    engine.set_streamed([1])  # a new ring and workspace: no view of the old ones is kept
+    assert engine._bind_views == {}
+    train_steps(model, data[:1], grad_accum=1)
+    assert list(engine._bind_views) == [(1, engine.ring.slots[0].buffer.data_ptr())]

@@ -18,7 +18,7 @@ from torch import nn
 
 from streamtune.models.adapters import decoder_layers, enable_activation_checkpointing, unwrap
 from streamtune.offload.checkpoint import StreamedLayer
-from streamtune.offload.host import LayerPack, bind, materialize, pack_layer, unbind
+from streamtune.offload.host import LayerPack, bind, bind_views, materialize, pack_layer, placeholder, unbind
 from streamtune.offload.ring import SlotRing
 
 
@@ -95,6 +95,11 @@ class StreamEngine:
         self.resident_buffers: dict[int, torch.Tensor | None] = {}
         self.compressed_resident: set[int] = set()
         self.workspace: torch.Tensor | None = None
+        # Problem: building every part's typed view (and every placeholder) again at each bind and unbind cost
+        # about 0.27 ms of host time per layer pass (26B int8). Solution: keep them per (layer, slot buffer);
+        # dropped whenever the ring or the workspace is rebuilt, so they never keep an old buffer alive.
+        self._bind_views: dict[tuple[int, int], Any] = {}
+        self._placeholders: dict[int, list[torch.Tensor]] = {}
         self._check_indices(streamed)
         self._pack_layers(codec, load_tensor, pack_cache, host_store)
         if layer_range is None:
@@ -139,6 +144,7 @@ class StreamEngine:
         # exceed a budget that each alone fits.
         self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
         self.workspace = None
+        self._bind_views.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -197,14 +203,21 @@ class StreamEngine:
     def acquire(self, index: int, phase: str, backward_expected: bool) -> None:
         """Bind layer ``index``'s parameters to its GPU bytes (copying them first if needed)."""
         if index in self.compressed_resident:
-            bind(self.packs[index], self.resident_buffers[index], self.workspace)
-            return
-        slot = self.ring.acquire(index, phase, backward_expected)
-        bind(self.packs[index], slot.buffer, self.workspace)
+            buffer = self.resident_buffers[index]
+        else:
+            buffer = self.ring.acquire(index, phase, backward_expected).buffer
+        key = (index, buffer.data_ptr())
+        views = self._bind_views.get(key)
+        if views is None:
+            views = self._bind_views[key] = bind_views(self.packs[index], buffer, self.workspace)
+        bind(self.packs[index], buffer, self.workspace, views)
 
     def release(self, index: int) -> None:
         """Unbind layer ``index``; its slot may be refilled once queued kernels finish."""
-        unbind(self.packs[index], self.device)
+        pack = self.packs[index]
+        if index not in self._placeholders:
+            self._placeholders[index] = [placeholder(e.shape, e.dtype, self.device) for e in pack.tensors]
+        unbind(pack, self.device, self._placeholders[index])
         if index not in self.compressed_resident:
             self.ring.release(index)
 
@@ -256,6 +269,7 @@ class StreamEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
+        self._bind_views.clear()
         for index, pack in self.packs.items():
             layer = self.layers[index]
             if "forward" in layer.__dict__:
