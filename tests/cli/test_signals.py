@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,21 +80,52 @@ def test_signal_checkpoints_the_run_and_resume_continues_exactly(reference, tmp_
     assert _losses(run) == reference["losses"], (saved, err)
 
 
+ACK = "SIGINT: stopping after a checkpoint of the current step"
+AGAIN = "SIGINT again: stopping now, without writing a checkpoint"
+ATTEMPTS = 4
+
+
+def _double_ctrl_c(cfg, run) -> tuple[int, str]:
+    """Start a run, send SIGINT inside step 2, and a second one as soon as the first is acknowledged."""
+    _, proc = _start(cfg, run)
+    lines: list[str] = []
+    acknowledged = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if ACK in line:
+                acknowledged.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(read_metrics(run)[0]["step_s"] / 4)  # into step 2
+    proc.send_signal(signal.SIGINT)
+    if acknowledged.wait(timeout=START_TIMEOUT_S) and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=START_TIMEOUT_S)
+    reader.join(timeout=10)
+    return proc.returncode, "".join(lines)
+
+
 def test_second_ctrl_c_exits_at_once(tmp_path, run_dict):
     cfg = tmp_path / "run.yaml"
-    # one long micro-batch per step (16 x 512 tokens, 0.7 s here): the first Ctrl-C, sent inside step 2, waits
-    # for the step to finish; the second does not. A first signal sent right as step 1 was logged used to stop
-    # the run at once with a checkpoint, before the second signal came (flaky on a loaded machine).
+    # One long micro-batch per step (16 x 512 tokens, 0.7 s here). The second SIGINT goes out once the first is
+    # acknowledged: two sent during one long C++ call (the backward) reach the Python handler as one. Even so
+    # the run may finish its step and exit with a checkpoint before the second arrives (the handler can run at
+    # the end of the step; a CI machine did so once with a fixed 50 ms gap), so a few attempts are allowed;
+    # tests/train/test_guard.py checks the handler itself deterministically.
     raw = run_dict(tmp_path / "run", train={"max_steps": 50, "batch_size": 16, "grad_accum": 1})
     raw["data"]["seq_len"] = 512
     cfg.write_text(yaml.safe_dump(raw))
-    _, proc = _start(cfg, tmp_path / "run")
-    step_s = read_metrics(tmp_path / "run")[0]["step_s"]
-    time.sleep(step_s / 4)  # into step 2
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=START_TIMEOUT_S)[1]
-    assert proc.returncode == 130, err
-    assert "SIGINT again: stopping now, without writing a checkpoint" in err
-    assert list_checkpoints(tmp_path / "run") == [], f"a step takes {step_s:.2f} s here"
+    outcomes = []
+    for attempt in range(ATTEMPTS):
+        run = tmp_path / f"run{attempt}"
+        code, err = _double_ctrl_c(cfg, run)
+        assert code == 130, err
+        if AGAIN in err:
+            assert list_checkpoints(run) == [], err
+            return
+        assert list_checkpoints(run), err  # the other outcome: the step ended first, with its checkpoint
+        outcomes.append(err[-300:])
+    pytest.fail(f"the second SIGINT never arrived before the run ended in {ATTEMPTS} attempts: {outcomes}")
