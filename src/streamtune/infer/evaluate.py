@@ -50,6 +50,7 @@ def evaluate_file(loaded: Any, path: str, fmt: str | None = None, seq_len: int |
     from streamtune.data import build_data
     from streamtune.data.loader import EvalBatches
     from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+    from streamtune.train.support import to_device
 
     data_cfg = eval_data_config(loaded, path, fmt, seq_len)
     train, _, _ = build_data(data_cfg, loaded.tokenizer, batch_size, seed=0)
@@ -58,7 +59,7 @@ def evaluate_file(loaded: Any, path: str, fmt: str | None = None, seq_len: int |
     loss_sum, loss_tokens, num_batches = 0.0, 0, 0
     with torch.no_grad():
         for batch in batches:
-            batch = {k: v.to(loaded.device) for k, v in batch.items() if hasattr(v, "to")}
+            batch = to_device(batch, loaded.device)
             loss_sum += float(lm_loss_sum(loaded.model, loaded.arch, batch, loss_chunk_tokens))
             loss_tokens += count_valid_tokens(batch["labels"])
             num_batches += 1

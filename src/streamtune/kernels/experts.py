@@ -196,7 +196,7 @@ def _collect_lora(chain: list[Any], dtype: Any) -> dict[str, list[tuple[Any, Any
     return lora
 
 
-# why torch._grouped_mm was given up for this process (None: not failed)
+# why torch._grouped_mm was given up for this process (empty: it has not failed)
 _GROUPED_MM_FAILURE: list[str] = []
 
 

@@ -272,9 +272,10 @@ def bind(pack: LayerPack, slot: torch.Tensor, workspace: torch.Tensor | None, vi
 def unbind(pack: LayerPack, device: torch.device, placeholders: list[torch.Tensor] | None = None) -> None:
     """Return the layer's parameters to placeholders (``placeholders``: one per tensor, if kept); the slot may
     then be overwritten."""
-    for i, entry in enumerate(pack.tensors):
-        entry.param.data = placeholders[i] if placeholders is not None else placeholder(entry.shape, entry.dtype,
-                                                                                        device)
+    if placeholders is None:
+        placeholders = [placeholder(entry.shape, entry.dtype, device) for entry in pack.tensors]
+    for entry, value in zip(pack.tensors, placeholders):
+        entry.param.data = value
 
 
 def materialize(pack: LayerPack, device: torch.device, own: bool = False) -> torch.Tensor | None:

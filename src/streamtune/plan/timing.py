@@ -17,9 +17,10 @@ top_k / num_experts of the experts). Per step, with LoRA the frozen base needs n
 A layer pass takes max(FLOPs / matmul speed, weight bytes read / HBM speed) on the GPU, plus the kernel
 mode's elementwise time per token and fixed time per pass (:class:`KernelCosts`): at small token counts
 the expert weights make MoE layers memory-bound, and expert GEMMs run at ``EXPERT_MATMUL_EFFICIENCY`` of
-the matmul speed (eager) or at an efficiency that grows with the tokens routed per expert (fast). int8/nf4 add one dequantisation of every layer per pass (forward; recompute + backward
-share one). The host needs ``cpu_s_per_layer_pass`` to issue a layer pass (Python, dispatch, launches):
-with the fast kernels a short step waits on the CPU, not on the GPU. Per pass, step time is
+the matmul speed (eager) or at an efficiency that grows with the tokens routed per expert (fast). int8/nf4
+add one dequantisation of every layer per pass (forward; recompute + backward share one). The host needs
+``cpu_s_per_layer_pass`` to issue a layer pass (Python, dispatch, launches): with the fast kernels a short
+step waits on the CPU, not on the GPU. Per pass, step time is
 max(GPU compute, CPU issue, streamed bytes / H2D): streamed layers are spread between resident ones, so
 copies overlap compute.
 """

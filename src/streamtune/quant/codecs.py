@@ -6,17 +6,17 @@ import torch
 
 from streamtune.quant.base import (
     Codec,
-    check_decode_backend,
     PartSpec,
+    TritonDecode,
+    check_decode_backend,
     check_float_dtype,
     check_out,
-    decode_target,
-    encode_target,
     check_parts,
     check_segment,
+    decode_target,
+    encode_target,
     normalize_shape,
     rows_per_chunk,
-    TritonDecode,
 )
 from streamtune.quant.cpu_encode import encode_int8_rows, run_chunks
 
