@@ -76,6 +76,7 @@ def worker(args: argparse.Namespace) -> int:
         faulthandler.dump_traceback_later(float(os.environ["STREAMTUNE_DUMP_AFTER_S"]), repeat=True)
     if args.num_layers:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
+    threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
     # the process ends after training: skip decoding every layer back into CPU tensors (minutes and a bf16
     # copy of the model per rank for the 26B preset)
     offload.Placement.close = lambda self: None
@@ -89,6 +90,51 @@ def worker(args: argparse.Namespace) -> int:
         cfg.memory.gpu_budget = f"{caps[int(os.environ.get('LOCAL_RANK', '0'))]}GiB"
     train(cfg)
     return 0
+
+
+def _private_memory_by_mapping() -> list[tuple[int, int, str]]:
+    """This process's memory per mapping name from ``/proc/self/smaps``: ``(private bytes, PSS bytes, name)``,
+    largest private first; anonymous mappings without a name are grouped as ``[anon]``."""
+    sizes: dict[str, list[int]] = {}
+    name = "[anon]"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:  # a mapping's header: range perms offset dev inode [path]
+            name = fields[5] if len(fields) > 5 else "[anon]"
+            if name.startswith("/dev/shm/"):
+                name = "/dev/shm/*"
+            sizes.setdefault(name, [0, 0])
+        elif fields[0] in ("Private_Clean:", "Private_Dirty:"):
+            sizes[name][0] += int(fields[1]) * 1024
+        elif fields[0] == "Pss:":
+            sizes[name][1] += int(fields[1]) * 1024
+    return sorted(((priv, pss, n) for n, (priv, pss) in sizes.items()), reverse=True)
+
+
+def _report_private_memory(config_path: Path) -> None:
+    """Once the third step is logged, print this rank's largest private mappings (where its own host RAM goes,
+    beside the shared packed weights)."""
+    import yaml
+
+    metrics = Path(yaml.safe_load(config_path.read_text())["output"]["dir"]) / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
+        time.sleep(0.5)
+    rows = _private_memory_by_mapping()
+    rank = os.environ.get("LOCAL_RANK", "0")
+    total_private = sum(priv for priv, _, _ in rows)
+    status = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in
+              Path("/proc/self/status").read_text().splitlines()) if k in ("RssAnon", "RssFile", "RssShmem")}
+    import torch
+
+    pinned = ""
+    if torch.cuda.is_available() and hasattr(torch.cuda.memory, "host_memory_stats"):
+        stats = torch.cuda.memory.host_memory_stats()
+        pinned = (f"; torch pinned host allocator: {stats.get('allocated_bytes.current', 0) / 1e9:.2f} GB in use, "
+                  f"{stats.get('reserved_bytes.current', 0) / 1e9:.2f} GB held")
+    print(f"[rank {rank} host memory] private {total_private / 1e9:.2f} GB; "
+          + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in status.items()) + pinned
+          + "; largest mappings (private GB, PSS GB): "
+          + "; ".join(f"{n} {priv / 1e9:.2f}/{pss / 1e9:.2f}" for priv, pss, n in rows[:8]), flush=True)
 
 
 def _used_bytes() -> int:

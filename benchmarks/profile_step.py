@@ -50,6 +50,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--loss-chunk-tokens", type=int, default=1024)
     p.add_argument("--resident", action="store_true", help="also profile every layer resident, uncapped")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="also run one step under cProfile and print its N costliest functions (host time)")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -93,7 +95,31 @@ def measure(step: Any, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
     result.update(categorise(prof))
     result["sync_sites"] = sync_sites(step)[:15]
+    if args.host_profile:
+        result["host_profile"] = host_profile(step, args.host_profile)
     return result
+
+
+def host_profile(step: Any, top: int) -> list[tuple[float, float, int, str]]:
+    """One step under cProfile: the ``top`` functions by own time, ``(own s, cumulative s, calls, where)``;
+    printed as it goes, sorted by own time (where the host's issue time goes)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((tt, ct, nc, f"{Path(f).name}:{line}({fn})") for (f, line, fn), (_, nc, tt, ct, _) in stats.items()),
+                  reverse=True)[:top]
+    total_s = sum(tt for _, _, tt, _, _ in stats.values())
+    print(f"[host profile] {total_s:.3f} s own time in all; own s / cumulative s / calls:")
+    for tt, ct, nc, where in rows:
+        print(f"    {tt:7.3f} {ct:7.3f} {nc:7d}  {where}")
+    return rows
 
 
 def main() -> int:

@@ -20,3 +20,25 @@ def test_release_free_heap_finds_libc_once():
         hostmem.release_free_heap()
     info = hostmem._libc.cache_info()
     assert hostmem._libc() is not None and info.misses == 1 and info.hits >= 2
+
+
+def test_settle_heap_collects_cycles_then_trims(monkeypatch):
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    trims = []
+    monkeypatch.setattr(hostmem, "release_free_heap", lambda: trims.append(gc.isenabled()))
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the collector frees it
+    alive = weakref.ref(a)
+    del a, b
+    gc.disable()  # no automatic collection between here and the call
+    try:
+        assert alive() is not None
+        hostmem.settle_heap()
+    finally:
+        gc.enable()
+    assert alive() is None and len(trims) == 1

@@ -33,6 +33,11 @@ def measure_h2d(nbytes: int = GIB, pinned: bool = True, repeats: int = 5, device
         dev.copy_(host, non_blocking=pinned)
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
+    del host, dev
+    # torch keeps freed pinned blocks cached for reuse: without this the probe buffer stays pinned all run
+    empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if pinned and empty_host_cache is not None:
+        empty_host_cache()
     return nbytes / best / 1e9
 
 

@@ -19,14 +19,16 @@ def peak_rss_bytes() -> int:
     """Peak resident set of this process (``VmHWM`` on Linux).
 
     Not ``ru_maxrss`` where ``VmHWM`` exists: Linux carries ``ru_maxrss`` across ``fork``/``exec``, so a
-    child of a parent that once held the whole model would report the parent's size.
+    child of a parent that once held the whole model would report the parent's size. The kernel updates
+    ``VmHWM`` lazily (it can trail the resident set by a few hundred KB), so the result is at least
+    :func:`rss_bytes`.
     """
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                return max(int(line.split()[1]) * 1024, rss_bytes())
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_bytes())
 
 
 def release_free_heap() -> None:
@@ -39,6 +41,19 @@ def release_free_heap() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def settle_heap() -> None:
+    """Collect garbage cycles, then give the freed heap pages back to the OS (:func:`release_free_heap`).
+
+    Problem: setup and the first step's compiles (Dynamo, Inductor, Triton) leave cycles and freed small
+    objects spread over the heap and the allocator's arenas; the pages stay in the process's resident set
+    for the whole run, once per rank. Solution: call this once setup is done and once after the first step.
+    """
+    import gc
+
+    gc.collect()
+    release_free_heap()
 
 
 @functools.lru_cache(maxsize=1)

@@ -79,9 +79,13 @@ def attach_lora(model: Any, rank: int, layers: list[int] | None = None) -> Any:
 
 
 def random_batch(tokens: int, vocab: int, device: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One sequence of random token ids on ``device``, moved as training moves a batch: with the loss positions
+    from the CPU labels, so neither the loss nor its token count waits for the GPU."""
+    from streamtune.train.support import to_device
+
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (1, tokens), generator=gen).to(device)
-    return {"input_ids": ids, "labels": ids.clone()}
+    ids = torch.randint(3, vocab, (1, tokens), generator=gen)
+    return to_device({"input_ids": ids, "labels": ids.clone()}, device)
 
 
 def timed_steps(step_fn: Any, num_steps: int, num_warmup: int = 1) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtune.errors import InputError, StreamtuneError
-from streamtune.hostmem import peak_rss_bytes, rss_bytes
+from streamtune.hostmem import peak_rss_bytes, rss_bytes, settle_heap
 from streamtune.train import checkpoint as ckpt
 from streamtune.train import outputs
 from streamtune.train.guard import StepStart, StopSignals, non_finite_error, stopped_error
@@ -239,6 +239,7 @@ class Recipe:
         finally:
             self.load_stats = self.base.finish()
         self.dist.release_shared_host(host_store)
+        settle_heap()  # loading's transient copies
         self.shared_host = host_store.stats() if host_store is not None else None
         report_loading(self.load_stats, self.pack_cache)
         if self.dist.is_main:
@@ -331,6 +332,8 @@ class Recipe:
             if due(step, t.save_every, t.max_steps, at_end=True):
                 self.save_checkpoint(step)
             self.on_step_end(step)
+            if step == self.start_step + 1:
+                settle_heap()  # the first step's compile garbage, once (host RAM per rank)
             if step < t.max_steps and self._stop_requested():
                 self._stop(step)
         self.save_adapter()
