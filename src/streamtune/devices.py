@@ -24,7 +24,10 @@ def measure_h2d(nbytes: int = GIB, pinned: bool = True, repeats: int = 5, device
     """Host-to-device copy speed in GB/s (best of ``repeats``)."""
     import torch
 
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    from streamtune.offload.host import alloc_host_buffer
+
+    # not torch's caching host allocator: it would keep the probe's pinned block for the whole run
+    host = alloc_host_buffer(nbytes, pin=pinned)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     best = float("inf")
     for _ in range(repeats):
@@ -33,11 +36,6 @@ def measure_h2d(nbytes: int = GIB, pinned: bool = True, repeats: int = 5, device
         dev.copy_(host, non_blocking=pinned)
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
-    del host, dev
-    # torch keeps freed pinned blocks cached for reuse: without this the probe buffer stays pinned all run
-    empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-    if pinned and empty_host_cache is not None:
-        empty_host_cache()
     return nbytes / best / 1e9
 
 

@@ -113,12 +113,15 @@ def test_signal_after_a_step_checkpoints_it_and_handlers_are_restored(reference,
     run = tmp_path / "int"
     monkeypatch.setattr(Recipe, "on_step_end", interrupt_at_step_2)
     previous = signal.signal(signal.SIGTERM, sentinel)
+    # a known SIGINT handler too: a shell starts background jobs with SIGINT ignored
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         assert main(["train", str(reference["cfg"]), f"output.dir={run}"]) == 130
         assert signal.getsignal(signal.SIGTERM) is sentinel
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     err = capsys.readouterr().err
     assert "SIGINT during step 2 (the step was finished)" in err and "stopped:" in err
     assert [s for s, _ in list_checkpoints(run)] == [2] and len(_losses(run)) == 2

@@ -31,7 +31,10 @@ ALLOCATOR_SLACK_FRACTION = 0.05
 LOGITS_COPIES = 5
 # bf16 [chunk, vocab] tensors of the fused loss at its peak: the logits and their gradient.
 FUSED_LOGITS_COPIES = 2
-HOST_RUNTIME_BYTES = 2 * GIB
+# Host RAM of one training process besides the packed weights (Python, torch, CUDA context, compiled kernels,
+# malloc heap): measured 2.5 GB for one rank (PSS less the packed weights) and 2.74 GB added by a second rank,
+# after the first step, 26B preset, int8, on H200s (benchmarks/multi_gpu.py, 2026-11-30).
+HOST_RUNTIME_BYTES = int(2.75e9)
 MASK_COPIES = 3
 
 

@@ -75,16 +75,18 @@ class KernelCosts:
 
 
 # eager: the 2026-11-28 fit above (fixed time on the GPU side, nothing separate for the CPU).
-# fast: FlexAttention, fused loss, compute-dtype LoRA, before the fused norms; fitted to the kernel profile of
-# the 26B preset resident on an H200 (benchmarks/profile_step.py, int8, 2048 and 8192 tokens, 2026-11-30,
-# planned with the named h200 profile): flex attention 53 / 463 ms (efficiency 0.17 / 0.14), grouped
-# GEMMs 111 / 297 ms (experts at 0.44 / 0.88 of the matmul speed with 128 / 512 rows per expert), other
-# elementwise, norm and routing kernels 1.36 / 1.40 us per token and layer pass, 7.1 ms of host time per
-# layer pass (the step was issued in 0.64 of its 0.65 s at 2048 tokens).
+# fast: FlexAttention, fused loss, compute-dtype LoRA, fused norms and activations, the Triton int8 decode.
+# Fitted to benchmarks/profile_step.py on the 26B preset, int8, 24 GiB cap, streamed (2026-11-30, session 6:
+# benchmarks/results/profile_step-NVIDIA_H200-auto-20261130-*.json), planned with the named h200 profile:
+# - flex attention 54 / 471 ms at 2048 / 8192 tokens: efficiency 0.16 / 0.14;
+# - grouped GEMMs 111 / 298 ms (predicted 103 / 313 with experts at rows / (rows + 128));
+# - the other kernels (norms, activations, routing, residuals, device copies; the decode is apart) 166 / 571 ms
+#   over 90 layer passes: 0.35 ms per pass plus 0.731 us per token and pass;
+# - the host issued the 2048-token step in 0.605 s: 6.7 ms per layer pass.
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
-    "fast": KernelCosts(attention_efficiency=0.15, gpu_s_per_layer_pass=0.0, elementwise_s_per_token=1.38e-6,
-                        cpu_s_per_layer_pass=0.0071, expert_half_rows=128.0),
+    "fast": KernelCosts(attention_efficiency=0.15, gpu_s_per_layer_pass=0.00035, elementwise_s_per_token=0.731e-6,
+                        cpu_s_per_layer_pass=0.0067, expert_half_rows=128.0),
 }
 # memory speed of the card the fast costs were fitted on (the named h200 profile): elementwise time scales by it
 CALIBRATION_HBM_GBPS = 3600.0
