@@ -90,14 +90,26 @@ def measure(step: Any, args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     result = {"step_s": sorted(times)[len(times) // 2], "issue_s": sorted(issue)[len(issue) // 2],
               "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
     result.update(categorise(prof))
+    result["top_ops"] = top_ops(prof, args.top)
     result["sync_sites"] = sync_sites(step)[:15]
     if args.host_profile:
         result["host_profile"] = host_profile(step, args.host_profile)
     return result
+
+
+def top_ops(prof: Any, top: int) -> list[tuple[float, int, str, str]]:
+    """The ATen ops whose own kernels took the most GPU time, per input shapes: ``(ms, calls, op, shapes)``
+    (which op and tensor sizes a kernel of the top list belongs to)."""
+    rows = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        device_us = getattr(evt, "self_device_time_total", 0) or 0
+        if device_us > 0 and evt.key.startswith("aten::"):
+            rows.append((round(device_us / 1e3, 2), evt.count, evt.key, str(evt.input_shapes)[:150]))
+    return sorted(rows, reverse=True)[:top]
 
 
 def host_profile(step: Any, top: int) -> list[tuple[float, float, int, str]]:
@@ -171,9 +183,13 @@ def main() -> int:
                      "transfer": engine.step_metrics()}
             points.append(point)
             save(args, applied, points)
-            print(f"[profile] {json.dumps({k: v for k, v in point.items() if k != 'top'})}", flush=True)
+            brief = {k: v for k, v in point.items() if k not in ("top", "top_ops", "host_profile")}
+            print(f"[profile] {json.dumps(brief)}", flush=True)
             for ms, count, name in point["top"][:args.top]:
                 print(f"    {ms:8.1f} ms  x{count:<5d} {name}")
+            print("  by op and input shapes:")
+            for ms, count, op, shapes in point["top_ops"]:
+                print(f"    {ms:8.1f} ms  x{count:<5d} {op} {shapes}")
     from streamtune.kernels.counters import CALLS
 
     print(f"kernel counters: {dict(CALLS)}")
