@@ -77,6 +77,7 @@ def worker(args: argparse.Namespace) -> int:
     if args.num_layers:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
     threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
+    _trace_setup_memory()
     # the process ends after training: skip decoding every layer back into CPU tensors (minutes and a bf16
     # copy of the model per rank for the 26B preset)
     offload.Placement.close = lambda self: None
@@ -109,6 +110,33 @@ def _private_memory_by_mapping() -> list[tuple[int, int, str]]:
         elif fields[0] == "Pss:":
             sizes[name][1] += int(fields[1]) * 1024
     return sorted(((priv, pss, n) for n, (priv, pss) in sizes.items()), reverse=True)
+
+
+def _memory_brief() -> str:
+    """This process's private memory now, in all and its three largest mappings."""
+    rows = _private_memory_by_mapping()
+    return (f"private {sum(priv for priv, _, _ in rows) / 1e9:.2f} GB ("
+            + ", ".join(f"{n} {priv / 1e9:.2f}" for priv, _, n in rows[:3]) + ")")
+
+
+def _trace_setup_memory() -> None:
+    """Print this rank's private memory after each setup phase of the recipe (imports, process group and
+    CUDA context, plan, model skeleton, placement): where a rank's own host RAM comes from."""
+    from streamtune.train.recipe import Recipe
+
+    rank = os.environ.get("LOCAL_RANK", "0")
+    print(f"[rank {rank} memory after imports] {_memory_brief()}", flush=True)
+    for phase in ("_init_distributed", "_plan", "_build_model", "_attach_and_place"):
+        setattr(Recipe, phase, _traced(getattr(Recipe, phase), phase, rank))
+
+
+def _traced(method: Any, phase: str, rank: str) -> Any:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        print(f"[rank {rank} memory after {phase.strip('_')}] {_memory_brief()}", flush=True)
+        return result
+
+    return run
 
 
 def _report_private_memory(config_path: Path) -> None:
