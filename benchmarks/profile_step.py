@@ -44,6 +44,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--cap-gib", type=float, default=24.0)
     p.add_argument("--kernels", default="auto", choices=["auto", "eager"])
     p.add_argument("--compile-layers", action="store_true", help="train.compile_layers: regional compile")
+    p.add_argument("--without", default="", help="fast pieces to turn off, KernelChoice fields, e.g. "
+                   "fused_norm_act,lora_compute_dtype (what each costs or saves on the host and the GPU)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -150,6 +152,10 @@ def main() -> int:
     lazy = LazyPreset(config, torch.bfloat16)
     model = attach_lora(lazy.model, args.lora_rank)
     kernels = select_for_device(args.kernels, torch.device("cuda"), torch.bfloat16, args.compile_layers)
+    if args.without:
+        import dataclasses
+
+        kernels = dataclasses.replace(kernels, **{name.strip(): False for name in args.without.split(",")})
     applied = apply_kernels(model, kernels)
     budget = int(args.cap_gib * GIB)
     cap_gpu_memory(budget)
@@ -204,7 +210,8 @@ def save(args: argparse.Namespace, applied: dict, points: list[dict]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    mode = args.kernels + ("-compiled" if args.compile_layers else "")
+    mode = args.kernels + ("-compiled" if args.compile_layers else "") + "".join(
+        f"-no_{name.strip()}" for name in args.without.split(",") if name.strip())
     (out / f"profile_step-{gpu}-{mode}-{args.started}.json").write_text(json.dumps(
         {"args": vars(args), "applied": applied, "torch": torch.__version__, "points": points}, indent=1))
     return 0
