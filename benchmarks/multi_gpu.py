@@ -261,6 +261,14 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
               "host_steady_bytes": max([b for t, b, _, _ in samples if t == 2], default=None),
               "host_steady_rank_pss_bytes": max([r for t, _, r, _ in samples if t == 2], default=None),
               "host_steady_other_pss_bytes": max([o for t, _, _, o in samples if t == 2], default=None)}
+    if samples:  # when the peak came and what held it: the ranks, or the launcher and compile workers
+        at = max(range(len(samples)), key=lambda i: samples[i][1])
+        phase, used, rank_pss, other_pss = samples[at]
+        result["host_peak_sample"] = {"seconds": round(at * wall_s / len(samples), 1), "phase": phase,
+                                      "bytes": used, "rank_pss_bytes": rank_pss, "other_pss_bytes": other_pss}
+        print(f"[multi_gpu] {name}: host peak {used / 1e9:.1f} GB at about {result['host_peak_sample']['seconds']:.0f}"
+              f" s (phase {phase}): ranks {rank_pss / 1e9:.1f} GB PSS, other processes {other_pss / 1e9:.1f} GB PSS",
+              flush=True)
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     timed = records[1:] or records
     if timed:
