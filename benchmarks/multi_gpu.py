@@ -68,8 +68,6 @@ def worker(args: argparse.Namespace) -> int:
     from streamtune.config import load
     from streamtune.train import train
 
-    import streamtune.offload as offload
-
     if os.environ.get("STREAMTUNE_DUMP_AFTER_S"):  # a stalled job prints every thread's stack, repeatedly
         import faulthandler
 
@@ -78,9 +76,6 @@ def worker(args: argparse.Namespace) -> int:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
     threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
     _trace_setup_memory()
-    # the process ends after training: skip decoding every layer back into CPU tensors (minutes and a bf16
-    # copy of the model per rank for the 26B preset)
-    offload.Placement.close = lambda self: None
     caps = [float(c) for c in args.worker_caps.split(",")]
     if args.worker_split:
         devices = ",".join(f"cuda:{i}" if args.device == "cuda" else "cpu" for i in range(len(caps)))
@@ -89,7 +84,7 @@ def worker(args: argparse.Namespace) -> int:
     else:
         cfg = load(args.worker, [])
         cfg.memory.gpu_budget = f"{caps[int(os.environ.get('LOCAL_RANK', '0'))]}GiB"
-    train(cfg)
+    train(cfg, keep_model=False)  # as `streamtune train`: no decoding of the base back into host RAM at the end
     return 0
 
 

@@ -42,3 +42,17 @@ def write_config(tmp_path):
 def run_dict():
     """:func:`small_run_dict`, for tests that build configs themselves."""
     return small_run_dict
+
+
+def keep_cli_model(mp: pytest.MonkeyPatch) -> None:
+    """Make ``streamtune train`` (in-process) keep the trained model for ``TrainResult.model``: the CLI discards
+    the placement at the end, and tests that compare against the live model need it decoded back."""
+    import streamtune.train as train_package
+
+    real_train = train_package.train
+
+    def train_keeping_the_model(*args, keep_model=True, **kwargs):
+        return real_train(*args, keep_model=True, **kwargs)
+
+    mp.setattr(train_package, "train", train_keeping_the_model)
+

@@ -13,6 +13,7 @@ import yaml
 from streamtune.cli import main
 from streamtune.train.metrics import read_metrics
 from streamtune.train.recipe import Recipe
+from tests.conftest import keep_cli_model
 
 STEPS = 6
 TRAIN = {"max_steps": STEPS, "save_every": 2, "lr": 1e-2, "eval_every": 3}
@@ -32,6 +33,7 @@ def trained(tmp_path_factory, run_dict):
     cfg_path.write_text(yaml.safe_dump(raw))
     captured = {}
     with pytest.MonkeyPatch.context() as mp:
+        keep_cli_model(mp)
         mp.setattr("streamtune.cli.train._summary", lambda result: captured.setdefault("result", result))
         code = main(["train", str(cfg_path)])
     return {"code": code, "cfg": cfg_path, "run": root / "run", "result": captured["result"], "root": root}

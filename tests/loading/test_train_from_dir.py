@@ -10,6 +10,7 @@ import yaml
 from streamtune.cli import main
 from streamtune.data.tokenizer import build_tiny_tokenizer
 from streamtune.train.metrics import read_metrics
+from tests.conftest import keep_cli_model
 from tests.loading.ckpts import save_preset
 
 
@@ -25,6 +26,7 @@ def trained(tmp_path_factory, run_dict):
     (root / "run.yaml").write_text(yaml.safe_dump(raw))
     captured = {}
     with pytest.MonkeyPatch.context() as mp:
+        keep_cli_model(mp)
         mp.setattr("streamtune.cli.train._summary", lambda result: captured.setdefault("result", result))
         code = main(["train", str(root / "run.yaml")])
     return {"code": code, "run": root / "run", "checkpoint": checkpoint, "result": captured.get("result")}

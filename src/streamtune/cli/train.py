@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(config_path, overrides)
     from streamtune.train import train
 
-    result = train(cfg, resume=args.resume, resume_command=resume_command(args))
+    # the process ends here: no decoding of the whole base back into host RAM
+    result = train(cfg, resume=args.resume, resume_command=resume_command(args), keep_model=False)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun only rank 0 reports
         _summary(result)
     return 0

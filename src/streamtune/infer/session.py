@@ -29,7 +29,8 @@ class InferenceOptions:
 
 
 class InferenceModel:
-    """A placed (optionally LoRA-adapted) model with its tokenizer; :meth:`close` releases it.
+    """A placed (optionally LoRA-adapted) model with its tokenizer; :meth:`close` releases it, leaving ordinary
+    CPU weights, and leaving a ``with`` block discards it.
 
     Attributes:
         model: the placed model (a ``PeftModel`` when an adapter was loaded).
@@ -47,16 +48,24 @@ class InferenceModel:
         self.source, self.config, self.placement = source, config, placement
 
     def close(self) -> None:
-        """Release the engine (streamed weights back into ordinary CPU tensors)."""
+        """Release the engine (streamed weights back into ordinary CPU tensors; the model stays usable)."""
         if self.placement is not None:
             self.placement.close()
+            self.placement = None
+
+    def discard(self) -> None:
+        """Free the engine's buffers without decoding the weights back (the model is unusable afterwards)."""
+        if self.placement is not None:
+            self.placement.discard()
             self.placement = None
 
     def __enter__(self) -> "InferenceModel":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        # leaving the block ends the model's use: decoding the whole base back into host RAM would cost its full
+        # bf16 size (about 50 GB for a 26B model) and time, for nothing; call close() first to keep it
+        self.discard()
 
 
 def run_config_for(source: ModelSource, options: InferenceOptions) -> Any:

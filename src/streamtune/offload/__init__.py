@@ -45,6 +45,10 @@ class Placement:
         """Decode streamed layers back into ordinary CPU tensors and restore their forwards."""
         self.engine.close()
 
+    def discard(self) -> None:
+        """Free the engine's buffers without decoding the model back (it is unusable afterwards)."""
+        self.engine.discard()
+
 
 def streamed_layers(num_layers: int, memory: Any, device: Any, plan: Any = None) -> list[int]:
     """Decoder layers to stream for ``memory.stream``: all, none, or (auto) the plan's choice.

@@ -263,6 +263,24 @@ class StreamEngine:
         return {f"layers.{index}.{entry.name}": entry.codec.name
                 for index, pack in sorted(self.packs.items()) for entry in pack.tensors}
 
+    def discard(self) -> None:
+        """Drop the packed layers, the ring and the resident copies without decoding anything back.
+
+        Problem: :meth:`close` decodes every layer into ordinary CPU tensors, the whole bf16 model in host RAM
+        (about 50 GB for the 26B preset, next to the packed copy while it runs) and half a minute, which a
+        process that exits after training never uses. Solution: this; the model's layers are left unusable.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy or kernel may still read a buffer dropped here
+        self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
+        self._bind_views.clear()
+        self._placeholders.clear()
+        self.packs.clear()
+        self.resident_buffers.clear()
+        self.compressed_resident.clear()
+        self.workspace = None
+        self.streamed = []
+
     def close(self, device: torch.device | str | None = None) -> None:
         """Undo the engine: decode every layer into ordinary tensors on ``device`` (default: CPU)."""
         target = torch.device(device) if device is not None else torch.device("cpu")

@@ -221,6 +221,14 @@ class SplitPlacement:
         for engine in self.engines:
             engine.close()
 
+    def discard(self) -> None:
+        """Remove the device hooks; free every engine's buffers without decoding the model back."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for engine in self.engines:
+            engine.discard()
+
 
 def place_split(model: Any, memory: Any, devices: list[Any], boundaries: list[int], streamed: list[list[int]],
                 plan: Any = None, load_tensor: Any = None, pack_cache: Any = None) -> SplitPlacement:

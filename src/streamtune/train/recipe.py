@@ -81,13 +81,16 @@ def resolve_dtype(name: str, device: Any) -> Any:
     return getattr(torch, name)
 
 
-def train(cfg: Any, resume: bool = False, resume_command: str | None = None) -> TrainResult:
+def train(cfg: Any, resume: bool = False, resume_command: str | None = None, keep_model: bool = True) -> TrainResult:
     """Run (or resume) the LoRA fine-tune described by ``cfg`` (a RunConfig).
 
     Args:
         cfg: the run's ``RunConfig``.
         resume: continue the run in ``output.dir`` from its latest checkpoint.
         resume_command: the command that resumes this run, quoted in the messages of a stopped run.
+        keep_model: decode the trained model back into ordinary CPU tensors for ``TrainResult.model``
+            (the whole bf16 base in host RAM); False discards the placement instead and leaves ``model`` None
+            (``streamtune train`` exits after writing the adapter).
 
     Raises:
         InputError: bad input found during setup (exit code 2).
@@ -98,9 +101,12 @@ def train(cfg: Any, resume: bool = False, resume_command: str | None = None) -> 
     recipe = Recipe(cfg, resume, resume_command)
     recipe.setup()
     try:
-        return recipe.loop()
+        result = recipe.loop()
+        if not keep_model:
+            result.model = None
+        return result
     finally:
-        recipe.teardown()
+        recipe.teardown(keep_model)
 
 
 class Recipe:
@@ -491,8 +497,9 @@ class Recipe:
         outputs.write_card(adapter_dir, self.run_dir, self.cfg, self.base_info)
         return adapter_dir
 
-    def teardown(self) -> None:
-        """Put the previous signal handlers back, close the metrics writers and release the placement."""
+    def teardown(self, keep_model: bool = True) -> None:
+        """Put the previous signal handlers back, close the metrics writers and close the placement (the model
+        decoded back to CPU tensors) or, without ``keep_model``, discard it."""
         if self.signals is not None:
             self.signals.restore()
             self.signals = None
@@ -500,7 +507,10 @@ class Recipe:
             self.logger.close()
             self.logger = None
         if self.placement is not None:
-            self.placement.close()
+            if keep_model:
+                self.placement.close()
+            else:
+                self.placement.discard()
             self.placement = None
         if self.dist is not None:
             self.dist.close()
