@@ -46,6 +46,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--compile-layers", action="store_true", help="train.compile_layers: regional compile")
     p.add_argument("--without", default="", help="fast pieces to turn off, KernelChoice fields, e.g. "
                    "fused_norm_act,lora_compute_dtype (what each costs or saves on the host and the GPU)")
+    p.add_argument("--with", dest="with_", default="", help="pieces off by default to turn on, e.g. fast_experts")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -152,10 +153,11 @@ def main() -> int:
     lazy = LazyPreset(config, torch.bfloat16)
     model = attach_lora(lazy.model, args.lora_rank)
     kernels = select_for_device(args.kernels, torch.device("cuda"), torch.bfloat16, args.compile_layers)
-    if args.without:
-        import dataclasses
+    import dataclasses
 
-        kernels = dataclasses.replace(kernels, **{name.strip(): False for name in args.without.split(",")})
+    switches = {name.strip(): False for name in args.without.split(",") if name.strip()}
+    switches.update({name.strip(): True for name in args.with_.split(",") if name.strip()})
+    kernels = dataclasses.replace(kernels, **switches)
     applied = apply_kernels(model, kernels)
     budget = int(args.cap_gib * GIB)
     cap_gpu_memory(budget)
@@ -211,7 +213,8 @@ def save(args: argparse.Namespace, applied: dict, points: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     mode = args.kernels + ("-compiled" if args.compile_layers else "") + "".join(
-        f"-no_{name.strip()}" for name in args.without.split(",") if name.strip())
+        f"-no_{name.strip()}" for name in args.without.split(",") if name.strip()) + "".join(
+        f"-with_{name.strip()}" for name in args.with_.split(",") if name.strip())
     (out / f"profile_step-{gpu}-{mode}-{args.started}.json").write_text(json.dumps(
         {"args": vars(args), "applied": applied, "torch": torch.__version__, "points": points}, indent=1))
     return 0

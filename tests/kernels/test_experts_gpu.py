@@ -70,3 +70,35 @@ def test_grouped_route_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert calls("expert_lora_grouped_mm") == 1
+
+
+def test_bf16_fast_experts_match_the_stock_experts_and_make_no_host_sync():
+    import dataclasses
+
+    model, adapter = build_model("tiny-gemma4", torch.bfloat16, seed=1)
+    model = attach_lora(model, adapter, LoraConfig(rank=4, alpha=8, targets=["q_proj"]), seed=0).cuda()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 256), generator=gen).cuda()
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    ref_loss, ref_grads = _loss_and_grads(model, adapter, batch, None)
+    choice = dataclasses.replace(select_for_device("auto", torch.device("cuda"), torch.bfloat16), fast_experts=True)
+    assert apply_kernels(model, choice)["fast_experts_modules"] == model.config.num_hidden_layers
+    _loss_and_grads(model, adapter, batch, choice)  # warm-up: compiles the combine
+    reset()
+    loss, grads = _loss_and_grads(model, adapter, batch, choice)
+    assert calls("fast_experts_grouped_mm") == model.config.num_hidden_layers and calls("fast_experts_loop") == 0
+    assert abs(float(loss) - float(ref_loss)) / float(ref_loss) < 1e-2
+    for key, ref in ref_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grads[key].flatten().float(), ref.flatten().float(), dim=0)
+        assert cosine > 0.99, key
+    experts = model.base_model.model.model.layers[0].experts
+    x = torch.randn(512, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    index = torch.randint(0, model.config.num_experts, (512, 2), device="cuda")
+    weights = torch.rand(512, 2, device="cuda")
+    experts(x, index, weights).float().square().mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        experts(x, index, weights).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -25,7 +25,8 @@ def apply_kernels(model: Any, choice: KernelChoice) -> dict[str, Any]:
 
     Returns:
         What was applied: ``{"lora_layers": n, "attention": name or None, "expert_lora_modules": n}``, plus
-        ``fused_norms``, ``fused_activations`` and ``compiled_layers`` (counts) where those pieces are selected.
+        ``fused_norms``, ``fused_activations``, ``compiled_layers`` and ``fast_experts_modules`` (counts) where
+        those pieces are selected.
     """
     applied: dict[str, Any] = {"lora_layers": 0, "attention": None, "expert_lora_modules": 0}
     if choice.fused_norm_act:
@@ -46,6 +47,10 @@ def apply_kernels(model: Any, choice: KernelChoice) -> dict[str, Any]:
         from streamtune.kernels.experts import use_fast_expert_lora
 
         applied["expert_lora_modules"] = use_fast_expert_lora(model, choice.expert_lora)
+    if choice.fast_experts:
+        from streamtune.kernels.experts import use_fast_experts
+
+        applied["fast_experts_modules"] = use_fast_experts(model, choice.expert_lora or "loop")
     if choice.flex_attention:
         from streamtune.kernels.attention import FLEX_NAME, use_flex_attention
         from streamtune.models import unwrap

@@ -61,6 +61,9 @@ class KernelChoice:
         expert_lora: route of the expert-LoRA forward (``grouped_mm`` or ``loop``); None: PEFT's.
         fused_norm_act: RMSNorms and gated MLP activations through compiled fused kernels.
         compile_layers: each decoder layer's forward through one shared ``torch.compile``.
+        fast_experts: experts modules without LoRA through streamtune's routed forward, and every experts
+            module's routing-weighted sum as one compiled kernel (off until measured on a GPU:
+            ``benchmarks/profile_step.py --with fast_experts``).
     """
 
     mode: str = "eager"
@@ -75,6 +78,7 @@ class KernelChoice:
     expert_lora: str | None = None
     fused_norm_act: bool = False
     compile_layers: bool = False
+    fast_experts: bool = False
 
     def kernel_options(self, head_dim: int) -> dict[str, int] | None:
         """FlexAttention ``kernel_options`` for a layer of ``head_dim`` (None: Triton's defaults)."""
@@ -92,6 +96,7 @@ class KernelChoice:
             "compile_loss": self.compile_loss, "flex_attention": self.flex_attention, "grouped_mm": self.grouped_mm,
             "expert_lora": self.expert_lora,
             "fused_norm_act": self.fused_norm_act, "compile_layers": self.compile_layers,
+            "fast_experts": self.fast_experts,
         }
 
 
