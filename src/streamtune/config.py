@@ -8,14 +8,15 @@ each naming the dotted key and what is allowed. This module must stay free of to
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from streamtune.config_split import check_layer_split, parse_layer_split  # noqa: F401  (re-exported)
 from streamtune.errors import ConfigError
+from streamtune.units import SIZE_FORMS, parse_bytes  # noqa: F401  (re-exported)
 
 FORMATS = ("auto", "text", "alpaca", "messages", "sharegpt")
 # Target names of data.fields (the record keys the formats read).
@@ -26,42 +27,8 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_MODES = ("auto", "eager")  # streamtune.kernels.select.KERNEL_MODES (kept torch-free here)
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-
-
 # Config keys holding file-system paths (made absolute by load()).
 PATH_KEYS = ("model.name", "model.tokenizer", "data.path", "data.eval_path", "output.dir", "memory.cache_dir")
-SIZE_FORMS = "24GiB (GiB = 2^30 bytes), 22GB (10^9 bytes), 512MiB, or a byte count with B such as 25769803776B"
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """Parse a memory size such as ``24GiB``, ``24GB``, ``512MiB`` or ``25769803776B``.
-
-    A number without a unit is refused rather than read as bytes (``24`` is far more likely to mean
-    24 GiB than 24 bytes); Python ints and floats are taken as byte counts.
-
-    Raises:
-        ValueError: the text is not a size, or has no unit (the message lists the accepted forms).
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a size; write {SIZE_FORMS}")
-    number, unit = match.groups()
-    if not unit:
-        if float(number) < 1:
-            hint = " (fractions of the GPU are not accepted: give the amount)"
-        else:
-            hint = f" (a byte count needs B: {number}B)" if float(number) >= 2**20 else f" (did you mean {number}GiB?)"
-        raise ValueError(f"{text!r} has no unit{hint}; write {SIZE_FORMS}")
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -373,72 +340,6 @@ def validate(cfg: RunConfig) -> list[str]:
                  "set train.kernels=auto or train.compile_layers=false")
     if not cfg.output.dir:
         p.append("output.dir: required; the run directory")
-    return p
-
-
-_DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]+)$")
-
-
-def parse_layer_split(text: str) -> list[int] | None:
-    """``memory.layer_split`` as boundaries (None for auto).
-
-    Raises:
-        ValueError: not ``auto`` nor comma-separated positive integers.
-    """
-    if str(text).strip() == "auto":
-        return None
-    parts = [part.strip() for part in str(text).split(",")]
-    if not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise ValueError(f"{text!r}: write auto, or the first decoder layer of each device after the first, e.g. 14 or 10,20")
-    return [int(part) for part in parts]
-
-
-def check_layer_split(cfg: RunConfig) -> list[str]:
-    """The problems of ``train.devices``, ``memory.layer_split`` and ``memory.gpu_budgets`` (empty when valid)."""
-    p: list[str] = []
-    devices, mem = cfg.train.devices, cfg.memory
-    if not devices:
-        if mem.gpu_budgets:
-            p.append("memory.gpu_budgets: per-device budgets need train.devices (a layer split); for one GPU use "
-                     "memory.gpu_budget")
-        if str(mem.layer_split) != "auto":
-            p.append("memory.layer_split: needs train.devices, e.g. train.devices=[cuda:0,cuda:1]")
-        return p
-    bad = [d for d in devices if not _DEVICE_RE.match(d)]
-    kinds = {d.split(":")[0] for d in devices}
-    if bad:
-        p.append(f"train.devices: {bad} not allowed; write devices as cpu or cuda:N, e.g. [cuda:0, cuda:1]")
-    elif len(devices) < 2:
-        p.append("train.devices: a layer split needs two or more devices, e.g. [cuda:0, cuda:1]; for one device use "
-                 "train.device and leave train.devices empty")
-    elif len(kinds) > 1:
-        p.append(f"train.devices: {devices} mixes cpu and cuda; use only cuda:N devices (or only cpu, for tests)")
-    elif "cuda" in kinds and len(set(devices)) != len(devices):
-        p.append(f"train.devices: {devices} names a GPU twice; name each GPU once")
-    elif cfg.train.device not in ("auto", *kinds):
-        p.append(f"train.device: {cfg.train.device} contradicts train.devices {devices}; set train.device=auto")
-    if mem.gpu_budget is not None:
-        p.append("memory.gpu_budget: with train.devices give one budget per device in memory.gpu_budgets, "
-                 "e.g. [24GiB, 16GiB], and remove memory.gpu_budget")
-    if mem.gpu_budgets and len(mem.gpu_budgets) != len(devices):
-        p.append(f"memory.gpu_budgets: {len(mem.gpu_budgets)} budget(s) for {len(devices)} devices; give one per "
-                 f"device of train.devices, e.g. [24GiB, 16GiB]")
-    for value in mem.gpu_budgets:
-        try:
-            if parse_bytes(value) <= 0:
-                raise ValueError(f"{value!r} must be positive")
-        except ValueError as exc:
-            p.append(f"memory.gpu_budgets: {exc}")
-    try:
-        boundaries = parse_layer_split(mem.layer_split)
-    except ValueError as exc:
-        p.append(f"memory.layer_split: {exc}")
-        return p
-    if boundaries is not None and len(boundaries) != len(devices) - 1:
-        p.append(f"memory.layer_split: {len(devices)} devices need {len(devices) - 1} boundary layer(s), got "
-                 f"{mem.layer_split!r}")
-    elif boundaries is not None and any(a >= b for a, b in zip(boundaries, boundaries[1:])):
-        p.append(f"memory.layer_split: {mem.layer_split!r} must increase, e.g. 10,20")
     return p
 
 
