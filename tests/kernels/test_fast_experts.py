@@ -78,3 +78,22 @@ def test_off_by_default_and_leaves_lora_wrapped_experts_to_the_expert_lora_path(
     applied = apply_kernels(model, choice)
     # every experts module has LoRA here: the expert-LoRA forward serves them, with the compiled combine
     assert applied["fast_experts_modules"] == 0 and applied["expert_lora_modules"] == model.config.num_hidden_layers
+
+
+def test_a_failing_compiled_combine_warns_once_and_runs_eagerly(monkeypatch):
+    import streamtune.kernels.experts as experts
+
+    model, adapter = _attention_lora_model("tiny-gemma4")
+    batch = labelled_batch(model.config.vocab_size)
+    ref_loss, _ = loss_and_grads(model, adapter, batch)
+    use_fast_experts(model, "loop")
+
+    def refuse():
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(experts, "_compiled_combine", refuse)
+    monkeypatch.setattr(experts, "_COMBINE_FAILURE", [])
+    with pytest.warns(RuntimeWarning, match="compiled combine failed.*uncompiled"):
+        loss, _ = loss_and_grads(model, adapter, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert len(experts._COMBINE_FAILURE) == 1  # tried once, not once per layer

@@ -163,8 +163,7 @@ def experts_forward(experts: Any, hidden_states: Any, top_k_index: Any, top_k_we
     proj = _gate(experts, proj) if has_gate else experts.act_fn(proj)
     proj = _project(experts, "down_proj", proj, sorted_ids, offsets, lora, use_kernel)
     inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
-    combine = _compiled_combine() if compile_combine else combine_routed
-    return combine(proj, top_k_weights, inverse).to(hidden_states.dtype)
+    return _combine(proj, top_k_weights, inverse, compile_combine).to(hidden_states.dtype)
 
 
 def combine_routed(proj: Any, top_k_weights: Any, inverse: Any) -> Any:
@@ -200,6 +199,21 @@ def _compiled_combine() -> Any:
 
 
 _COMPILED: dict[str, Any] = {}
+# why the compiled combine was given up for this process (empty: it has not failed)
+_COMBINE_FAILURE: list[str] = []
+
+
+def _combine(proj: Any, top_k_weights: Any, inverse: Any, compiled: bool) -> Any:
+    """:func:`combine_routed`, compiled when asked; on a compile failure warn once and run it eagerly from then on
+    (inside a compiled region it is traced into the region's graph)."""
+    if compiled and not _COMBINE_FAILURE and not torch.compiler.is_compiling():
+        try:
+            return _compiled_combine()(proj, top_k_weights, inverse)
+        except Exception as exc:  # Dynamo/Inductor/C++ compiler errors have no common public base class
+            _COMBINE_FAILURE.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            warnings.warn(f"streamtune: the experts' compiled combine failed ({_COMBINE_FAILURE[0]}); it runs "
+                          "uncompiled from now on", RuntimeWarning, stacklevel=2)
+    return combine_routed(proj, top_k_weights, inverse)
 
 
 def _chain(wrapper: Any) -> tuple[list[Any], Any]:
@@ -295,7 +309,7 @@ def use_fast_experts(model: Any, route_name: str) -> int:
 
     wrapped = set()
     for wrapper in (m for m in model.modules() if isinstance(m, ParamWrapper)):
-        chain, experts = _chain(wrapper)
+        _, experts = _chain(wrapper)
         wrapped.add(id(experts))
         setattr(wrapper, _COMBINE_FLAG, True)
     patched = 0
