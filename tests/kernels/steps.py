@@ -20,3 +20,16 @@ def loss_and_grads(model, adapter, batch, kernels=None):
     loss = lm_loss_sum(model, adapter, batch, 7, kernels) / count_valid_tokens(batch["labels"])
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def perturb_for_checks(model, seed=7):
+    """Random LoRA B (so adapters change outputs) and frozen expert weights x20 (expert outputs well above
+    rounding, so a wrong expert path shows in the loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            elif "experts" in name and not p.requires_grad:
+                p.mul_(20)
+

@@ -12,7 +12,7 @@ from streamtune.kernels import apply_kernels, calls, reset, select_kernels
 from streamtune.kernels.experts import restore_stock_expert_lora, route, use_fast_expert_lora
 from streamtune.lora import attach_lora
 from streamtune.models.build import build_model
-from tests.kernels.steps import labelled_batch, loss_and_grads
+from tests.kernels.steps import labelled_batch, loss_and_grads, perturb_for_checks
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 MOE_MODELS = ["tiny-gemma4", "tiny-qwen3-moe", "tiny-mixtral"]
@@ -25,13 +25,7 @@ def _expert_lora_model(name, targets=None):
     if targets is not None:
         cfg.targets = targets
     model = attach_lora(model, adapter, cfg, seed=0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif "experts" in pname and not p.requires_grad:
-                p.mul_(20)  # expert outputs well above rounding, so a wrong update shows
+    perturb_for_checks(model)
     return model, adapter
 
 

@@ -12,7 +12,7 @@ from streamtune.kernels import apply_kernels, calls, reset, select_kernels
 from streamtune.kernels.experts import combine_routed, route, use_fast_experts
 from streamtune.lora import attach_lora
 from streamtune.models.build import build_model
-from tests.kernels.steps import labelled_batch, loss_and_grads
+from tests.kernels.steps import labelled_batch, loss_and_grads, perturb_for_checks
 
 MOE_MODELS = ["tiny-gemma4", "tiny-qwen3-moe", "tiny-mixtral"]
 ROUTES = ["loop"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
@@ -22,13 +22,7 @@ def _attention_lora_model(name, target_parameters=()):
     model, adapter = build_model(name, torch.float32, seed=1)
     cfg = LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"], target_parameters=list(target_parameters))
     model = attach_lora(model, adapter, cfg, seed=0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif "experts" in pname and not p.requires_grad:
-                p.mul_(20)  # expert outputs well above rounding, so a wrong combine shows in the loss
+    perturb_for_checks(model)
     return model, adapter
 
 

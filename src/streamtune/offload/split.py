@@ -215,19 +215,20 @@ class SplitPlacement:
 
     def close(self) -> None:
         """Remove the device hooks; decode every layer back into ordinary CPU tensors."""
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
+        self._remove_hooks()
         for engine in self.engines:
             engine.close()
 
     def discard(self) -> None:
         """Remove the device hooks; free every engine's buffers without decoding the model back."""
+        self._remove_hooks()
+        for engine in self.engines:
+            engine.discard()
+
+    def _remove_hooks(self) -> None:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
-        for engine in self.engines:
-            engine.discard()
 
 
 def place_split(model: Any, memory: Any, devices: list[Any], boundaries: list[int], streamed: list[list[int]],
