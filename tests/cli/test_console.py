@@ -49,3 +49,19 @@ def test_probe_flags_a_deprecated_call_made_by_streamtune(capsys):
         enable_activation_checkpointing(_OldStyleModel())  # falls back to the old name, which warns here
     err = capsys.readouterr().err
     assert f"{MARKER} FutureWarning: `gradient_checkpointing_enable` is deprecated" in err
+
+
+def test_bitsandbytes_advice_about_a_kernel_streamtune_never_uses_is_dropped(caplog):
+    import logging
+
+    from streamtune.cli import _DropMessage, quiet_irrelevant_logs
+
+    quiet_irrelevant_logs()
+    quiet_irrelevant_logs()  # idempotent: main() runs it on every command
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels`", "No module named 'kernels'")
+        logger.warning("a bitsandbytes warning that matters")
+    assert [r.getMessage() for r in caplog.records] == ["a bitsandbytes warning that matters"]
+    assert sum(isinstance(f, _DropMessage) for f in logger.filters) == 1

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import re
 import sys
+from typing import Any
 
 from streamtune import __version__
 from streamtune.errors import StreamtuneError
@@ -115,6 +116,31 @@ def _module(name: str):
         raise
 
 
+# bitsandbytes logs this on every import on a CPU with AVX512-BF16 when the optional ``kernels`` package is
+# missing (peft imports bitsandbytes when it is installed); streamtune never uses that 4-bit CPU GEMM
+_IRRELEVANT_LOGS = {"bitsandbytes.backends.cpu.ops": "gemm_4bit_forward from kernels-community"}
+
+
+class _DropMessage:
+    """A ``logging`` filter that drops the records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record: Any) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_irrelevant_logs() -> None:
+    """Drop third-party log lines that advise about code paths streamtune never takes (idempotent)."""
+    import logging
+
+    for name, text in _IRRELEVANT_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``streamtune`` console script."""
     parser = build_parser()
@@ -122,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    quiet_irrelevant_logs()
     try:
         return int(_module(args.command).run(args) or 0)
     except StreamtuneError as exc:
