@@ -55,21 +55,12 @@ def _driver_version() -> str | None:
 
 
 def pinned_h2d_gbps(num_bytes: int = _H2D_BYTES, repeats: int = _H2D_REPEATS) -> float | None:
-    """Pinned host-to-device copy speed in GB/s (10^9 bytes/s), best of ``repeats``; None without CUDA."""
+    """Pinned host-to-device copy speed in GB/s (10^9 bytes/s), best of ``repeats``; None without CUDA
+    (the planner's own probe, :func:`streamtune.devices.measure_h2d`)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    device.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    best_s = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        device.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best_s = min(best_s, start.elapsed_time(end) / 1000.0)
-    return num_bytes / best_s / 1e9
+    from streamtune.devices import measure_h2d
+
+    return measure_h2d(num_bytes, pinned=True, repeats=repeats)
