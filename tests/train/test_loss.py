@@ -123,3 +123,13 @@ def test_no_valid_tokens_gives_zero_with_grad_path():
     total.backward()
     assert hidden.grad is not None and float(hidden.grad.abs().sum()) == 0.0
     assert count_valid_tokens(labels) == 0
+
+
+def test_batch_loss_tokens_counts_from_the_positions_when_the_batch_carries_them():
+    from streamtune.train.loss import batch_loss_tokens, count_valid_tokens
+    from streamtune.train.support import to_device
+
+    labels = torch.tensor([[5, -100, 7, 8], [-100, -100, 3, -100]])
+    moved = to_device({"input_ids": labels.clamp(min=0), "labels": labels}, "cpu")
+    assert "loss_positions" in moved
+    assert batch_loss_tokens(moved) == batch_loss_tokens({"labels": labels}) == count_valid_tokens(labels) == 3

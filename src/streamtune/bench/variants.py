@@ -28,12 +28,9 @@ def _adamw(model: Any) -> torch.optim.Optimizer:
 
 
 def _our_step(model: Any, adapter: Any, batch: dict, opt: Any, chunk_tokens: int, kernels: Any = None) -> Any:
-    from streamtune.train.loss import LOSS_POSITIONS_KEY, count_valid_tokens, lm_loss_sum
+    from streamtune.train.loss import batch_loss_tokens, lm_loss_sum
 
-    # the positions' length is known on the host: counting the GPU labels would wait for the GPU mid-step
-    positions = batch.get(LOSS_POSITIONS_KEY)
-    num_valid = positions.numel() if positions is not None else count_valid_tokens(batch["labels"])
-    loss = lm_loss_sum(model, adapter, batch, chunk_tokens, kernels) / max(1, num_valid)
+    loss = lm_loss_sum(model, adapter, batch, chunk_tokens, kernels) / max(1, batch_loss_tokens(batch))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

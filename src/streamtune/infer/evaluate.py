@@ -49,7 +49,7 @@ def evaluate_file(loaded: Any, path: str, fmt: str | None = None, seq_len: int |
 
     from streamtune.data import build_data
     from streamtune.data.loader import EvalBatches
-    from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+    from streamtune.train.loss import batch_loss_tokens, lm_loss_sum
     from streamtune.train.support import to_device
 
     data_cfg = eval_data_config(loaded, path, fmt, seq_len)
@@ -61,7 +61,7 @@ def evaluate_file(loaded: Any, path: str, fmt: str | None = None, seq_len: int |
         for batch in batches:
             batch = to_device(batch, loaded.device)
             loss_sum += float(lm_loss_sum(loaded.model, loaded.arch, batch, loss_chunk_tokens))
-            loss_tokens += count_valid_tokens(batch["labels"])
+            loss_tokens += batch_loss_tokens(batch)
             num_batches += 1
     loss = loss_sum / max(1, loss_tokens)
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), loss_tokens=loss_tokens, num_batches=num_batches)

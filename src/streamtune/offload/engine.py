@@ -270,24 +270,13 @@ class StreamEngine:
         (about 50 GB for the 26B preset, next to the packed copy while it runs) and half a minute, which a
         process that exits after training never uses. Solution: this; the model's layers are left unusable.
         """
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # no copy or kernel may still read a buffer dropped here
-        self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
-        self._bind_views.clear()
-        self._placeholders.clear()
-        self.packs.clear()
-        self.resident_buffers.clear()
-        self.compressed_resident.clear()
-        self.workspace = None
-        self.streamed = []
+        self._stop_streaming()
+        self._forget_layers()
 
     def close(self, device: torch.device | str | None = None) -> None:
         """Undo the engine: decode every layer into ordinary tensors on ``device`` (default: CPU)."""
         target = torch.device(device) if device is not None else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
-        self._bind_views.clear()
+        self._stop_streaming()
         for index, pack in self.packs.items():
             layer = self.layers[index]
             if "forward" in layer.__dict__:
@@ -295,6 +284,16 @@ class StreamEngine:
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = self.gradient_checkpointing
             materialize(pack, target, own=True)
+        self._forget_layers()
+
+    def _stop_streaming(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy or kernel may still read a buffer dropped here
+        self.ring = SlotRing({}, self.device, self.num_slots, self.prefetch)
+        self._bind_views.clear()
+
+    def _forget_layers(self) -> None:
+        self._placeholders.clear()
         self.packs.clear()
         self.resident_buffers.clear()
         self.compressed_resident.clear()

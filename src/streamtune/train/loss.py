@@ -41,6 +41,13 @@ def count_valid_tokens(labels: Any) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def batch_loss_tokens(batch: dict[str, Any]) -> int:
+    """:func:`count_valid_tokens` of ``batch``, from its loss positions' length when it carries them (known on
+    the host: counting labels already on a GPU waits for the GPU)."""
+    positions = batch.get(LOSS_POSITIONS_KEY)
+    return positions.numel() if positions is not None else count_valid_tokens(batch["labels"])
+
+
 def _chunk_loss_sum(hidden: Any, targets: Any, head: Any, softcap: float | None) -> Any:
     import torch.nn.functional as F
 

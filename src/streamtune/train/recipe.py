@@ -27,7 +27,7 @@ from streamtune.hostmem import peak_rss_bytes, rss_bytes, settle_heap
 from streamtune.train import checkpoint as ckpt
 from streamtune.train import outputs
 from streamtune.train.guard import StepStart, StopSignals, non_finite_error, stopped_error
-from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+from streamtune.train.loss import batch_loss_tokens, count_valid_tokens, lm_loss_sum
 from streamtune.train.metrics import MetricsLogger, check_loggers, truncate_metrics
 from streamtune.train.rundir import check_run_dir, init_run_dir
 from streamtune.train.support import (
@@ -455,7 +455,7 @@ class Recipe:
                 batch = to_device(batch, self.device)
                 loss_sum += float(lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens,
                                              self.kernels))
-                loss_tokens += count_valid_tokens(batch["labels"])
+                loss_tokens += batch_loss_tokens(batch)
         self.model.train()
         loss_sum, loss_tokens = self.dist.sum_numbers([loss_sum, loss_tokens], "cpu", "eval loss all-reduce")
         return loss_sum / max(1, loss_tokens)
