@@ -343,7 +343,10 @@ def categorise(prof: Any) -> dict[str, Any]:
         # kernels only: Inductor's launcher records (named like their Triton kernel) and autograd functions carry
         # the device time of what they launched too, which counted every compiled kernel twice (the 2026-11-30
         # table's fast column)
-        if device_us <= 0 or name.startswith("aten::") or evt.device_type != DeviceType.CUDA:
+        # "## Call CompiledFxGraph <hash> ##": a GPU-side range over a compiled graph's kernels (seen on the H200
+        # from 2026-11-30 15:00 on), counted again by those kernels: 398 ms of a 26B step at 8192 tokens
+        annotation = name.startswith("## ") and name.endswith(" ##")
+        if device_us <= 0 or annotation or name.startswith("aten::") or evt.device_type != DeviceType.CUDA:
             continue
         category = next((c for c, rx in CATEGORIES if re.search(rx, name.lower())), "elementwise/other")
         totals[category] += device_us / 1e3

@@ -39,6 +39,28 @@ OPTION_SETS: dict[str, dict[str, int]] = {
            "num_stages": 1, "num_warps": 4},
     "small_smem_sm89": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32,
                         "BLOCK_N2": 16, "num_stages": 1, "num_warps": 4},
+    # head_dim 512: forward and backward options apart (``fwd_`` / ``bwd_`` prefixes)
+    "m64n32_s2_bwd_w4": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32, "fwd_num_stages": 2, "fwd_num_warps": 8,
+                         "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
+                         "bwd_num_stages": 2, "bwd_num_warps": 4},
+    "m128n32_s1_bwd_s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 32, "fwd_num_stages": 1, "fwd_num_warps": 8,
+                          "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
+                          "bwd_num_stages": 2, "bwd_num_warps": 8},
+    "m64n64_s2_bwd_s2": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8,
+                         "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
+                         "bwd_num_stages": 2, "bwd_num_warps": 8},
+    # for the head_dim-256 sliding layers (Triton's defaults are the "defaults" set)
+    "defaults": {},
+    "m128n64_s2_w8": {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2, "num_warps": 8},
+    "m64n64_s2_w4": {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4},
+    "bwd_m64n64_s1_w8": {"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_stages": 1,
+                         "num_warps": 8},
+    "m128n128_s1_w8": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_stages": 1, "fwd_num_warps": 8,
+                       "bwd_num_stages": 2, "bwd_num_warps": 8},
+    "m128n64_s2_w8_bwd_w4": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8,
+                             "bwd_num_stages": 2, "bwd_num_warps": 4},
+    "bwd_m32n64_s2_w8": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32, "num_stages": 2,
+                         "num_warps": 8},
 }
 
 
@@ -48,6 +70,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=512)
+    p.add_argument("--window", type=int, default=0, help="sliding window (0: plain causal); Gemma4: 1024 on "
+                   "its head_dim-256 layers (use --head-dim 256 --kv-heads 8)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sets", default=",".join(OPTION_SETS))
     p.add_argument("--out", default=None)
@@ -81,9 +105,15 @@ def main() -> int:
     scale = 1.0
     reps = args.heads // args.kv_heads
 
+    positions = torch.arange(args.tokens, device="cuda")
+    dense = positions[:, None] >= positions[None, :]
+    if args.window:
+        dense &= positions[:, None] - positions[None, :] < args.window
+
     def sdpa(qq: Any, kk: Any, vv: Any) -> Any:
         return torch.nn.functional.scaled_dot_product_attention(
-            qq, kk.repeat_interleave(reps, 1), vv.repeat_interleave(reps, 1), is_causal=True, scale=scale)
+            qq, kk.repeat_interleave(reps, 1), vv.repeat_interleave(reps, 1), scale=scale,
+            **({"attn_mask": dense} if args.window else {"is_causal": True}))
 
     with torch.no_grad():
         qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -91,8 +121,15 @@ def main() -> int:
         ref = sdpa(qf, kf, vf)
         ref.backward(grad.float())
     ref_out, ref_dq = ref.detach(), qf.grad.detach()
-    flops_fwd = 4 * args.tokens * args.tokens / 2 * args.head_dim * args.heads
-    block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, args.tokens, args.tokens, device="cuda")
+    # the attended (query, key) pairs: the causal triangle, or its band of width --window
+    num_pairs = int(dense.sum())
+    flops_fwd = 4 * num_pairs * args.head_dim * args.heads
+    window = args.window or args.tokens
+
+    def mask_mod(b: Any, h: Any, qi: Any, ki: Any) -> Any:
+        return (qi >= ki) & (qi - ki < window)
+
+    block_mask = create_block_mask(mask_mod, None, None, args.tokens, args.tokens, device="cuda")
     compiled = torch.compile(flex_attention, dynamic=False)
     rows = []
 
@@ -134,7 +171,7 @@ def main() -> int:
         from pathlib import Path
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"flex_sweep-{args.tokens}.json").write_text(json.dumps({"args": vars(args), "rows": rows}))
+        (Path(args.out) / f"flex_sweep-{args.tokens}-d{args.head_dim}-w{args.window}.json").write_text(json.dumps({"args": vars(args), "rows": rows}))
     return 0
 
 

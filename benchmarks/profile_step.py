@@ -47,6 +47,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--without", default="", help="fast pieces to turn off, KernelChoice fields, e.g. "
                    "fused_norm_act,lora_compute_dtype (what each costs or saves on the host and the GPU)")
     p.add_argument("--with", dest="with_", default="", help="pieces off by default to turn on, e.g. fast_experts")
+    p.add_argument("--stages", default="", help="comma list of changes made one after another in this process, each "
+                   "profiled at every --tokens after the plain run: +fast_experts, +compile_layers, -fused_norm_act, "
+                   "flex512=<set>, flex256=<set> (a flex_sweep.py option set); one model setup for all")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -137,6 +140,42 @@ def host_profile(step: Any, top: int) -> list[tuple[float, float, int, str]]:
     return rows
 
 
+def apply_stage(model: Any, kernels: Any, stage: str) -> Any:
+    """One ``--stages`` change on the live model; returns the new KernelChoice.
+
+    Raises:
+        SystemExit: a stage this script cannot apply.
+    """
+    import dataclasses
+
+    from streamtune.models import decoder
+
+    if stage.startswith(("flex512=", "flex256=")):
+        from flex_sweep import OPTION_SETS
+
+        from streamtune.kernels.attention import use_flex_attention
+
+        limit, name = int(stage[4:7]), stage.split("=", 1)[1]
+        kernels = dataclasses.replace(kernels, flex_options={**kernels.flex_options, limit: dict(OPTION_SETS[name])})
+        use_flex_attention(model, kernels)  # new kernel options: the compiled FlexAttention recompiles
+        return kernels
+    if stage == "+fast_experts":
+        from streamtune.kernels.experts import use_fast_experts
+
+        use_fast_experts(model, kernels.expert_lora or "loop")
+    elif stage == "+compile_layers":
+        from streamtune.kernels.regional import compile_layers
+
+        compile_layers(decoder(model).layers)
+    elif stage == "-fused_norm_act":
+        from streamtune.kernels.fused import restore_stock_norms_and_activation
+
+        restore_stock_norms_and_activation(model)
+    else:
+        raise SystemExit(f"--stages: cannot apply {stage!r}")
+    return dataclasses.replace(kernels, **{stage[1:]: stage[0] == "+"})
+
+
 def main() -> int:
     args = _args()
     args.started = time.strftime("%Y%m%d-%H%M%S")
@@ -168,36 +207,40 @@ def main() -> int:
 
     link = detect_link_profile(torch.device("cuda"))
     points = []
+    stages = [""] + [st.strip() for st in args.stages.split(",") if st.strip()]
     for resident in ([False, True] if args.resident else [False]):
         if resident:
             cap_gpu_memory(None)
             engine.set_streamed([])
-        for tokens in [int(t) for t in args.tokens.split(",")]:
-            plan = make_plan(config, codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
-                             gpu_budget_bytes=budget, link=link, loss_chunk_tokens=args.loss_chunk_tokens, suggest=False,
-                             kernels=args.kernels)
-            if not resident:
-                engine.set_streamed(plan.streamed_indices)
-            engine.step_metrics()
-            batch = random_batch(tokens, config.vocab_size, "cuda")
+        for stage in stages:
+            if stage:
+                kernels = apply_stage(model, kernels, stage)
+            for tokens in [int(t) for t in args.tokens.split(",")]:
+                plan = make_plan(config, codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
+                                 gpu_budget_bytes=budget, link=link, loss_chunk_tokens=args.loss_chunk_tokens,
+                                 suggest=False, kernels=args.kernels)
+                if not resident:
+                    engine.set_streamed(plan.streamed_indices)
+                engine.step_metrics()
+                batch = random_batch(tokens, config.vocab_size, "cuda")
 
-            def step() -> Any:
-                return _our_step(model, adapter, batch, opt, args.loss_chunk_tokens, kernels)
+                def step(batch: Any = batch, kernels: Any = kernels) -> Any:
+                    return _our_step(model, adapter, batch, opt, args.loss_chunk_tokens, kernels)
 
-            point = {"tokens": tokens, "resident": resident, "kernels": args.kernels, "codec": args.codec,
-                     "num_streamed": len(engine.streamed), "predicted_step_s": plan.step_seconds,
-                     "predicted_peak_gib": plan.gpu_peak_bytes / 2**30,
-                     "predicted_tensor_peak_gib": plan.tensor_peak_bytes / 2**30, **measure(step, args),
-                     "transfer": engine.step_metrics()}
-            points.append(point)
-            save(args, applied, points)
-            brief = {k: v for k, v in point.items() if k not in ("top", "top_ops", "host_profile")}
-            print(f"[profile] {json.dumps(brief)}", flush=True)
-            for ms, count, name in point["top"][:args.top]:
-                print(f"    {ms:8.1f} ms  x{count:<5d} {name}")
-            print("  by op and input shapes:")
-            for ms, count, op, shapes in point["top_ops"]:
-                print(f"    {ms:8.1f} ms  x{count:<5d} {op} {shapes}")
+                point = {"tokens": tokens, "resident": resident, "stage": stage or "plain", "kernels": args.kernels,
+                         "codec": args.codec, "num_streamed": len(engine.streamed),
+                         "predicted_step_s": plan.step_seconds, "predicted_peak_gib": plan.gpu_peak_bytes / 2**30,
+                         "predicted_tensor_peak_gib": plan.tensor_peak_bytes / 2**30, **measure(step, args),
+                         "transfer": engine.step_metrics()}
+                points.append(point)
+                save(args, applied, points)
+                brief = {k: v for k, v in point.items() if k not in ("top", "top_ops", "host_profile")}
+                print(f"[profile] {json.dumps(brief)}", flush=True)
+                for ms, count, name in point["top"][:args.top]:
+                    print(f"    {ms:8.1f} ms  x{count:<5d} {name}")
+                print("  by op and input shapes:")
+                for ms, count, op, shapes in point["top_ops"]:
+                    print(f"    {ms:8.1f} ms  x{count:<5d} {op} {shapes}")
     from streamtune.kernels.counters import CALLS
 
     print(f"kernel counters: {dict(CALLS)}")
@@ -214,7 +257,7 @@ def save(args: argparse.Namespace, applied: dict, points: list[dict]) -> None:
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     mode = args.kernels + ("-compiled" if args.compile_layers else "") + "".join(
         f"-no_{name.strip()}" for name in args.without.split(",") if name.strip()) + "".join(
-        f"-with_{name.strip()}" for name in args.with_.split(",") if name.strip())
+        f"-with_{name.strip()}" for name in args.with_.split(",") if name.strip()) + ("-stages" if args.stages else "")
     (out / f"profile_step-{gpu}-{mode}-{args.started}.json").write_text(json.dumps(
         {"args": vars(args), "applied": applied, "torch": torch.__version__, "points": points}, indent=1))
     return 0
@@ -222,7 +265,7 @@ def save(args: argparse.Namespace, applied: dict, points: list[dict]) -> None:
 
 def table(points: list[dict], applied: dict) -> str:
     cats = [c for c, _ in CATEGORIES] + ["elementwise/other"]
-    head = ["point"] + [f"{p['tokens']}{' res' if p['resident'] else ''}" for p in points]
+    head = ["point"] + [f"{p['tokens']}{' res' if p['resident'] else ''} {p.get('stage', '')}" for p in points]
     rows = [head, ["step s"] + [f"{p['step_s']:.3f}" for p in points],
             ["issue s (CPU)"] + [f"{p['issue_s']:.3f}" for p in points],
             ["predicted s"] + [f"{p['predicted_step_s']:.3f}" for p in points],

@@ -42,3 +42,8 @@ def test_settle_heap_collects_cycles_then_trims(monkeypatch):
     finally:
         gc.enable()
     assert alive() is None and len(trims) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_arenas_can_be_capped():
+    assert hostmem.limit_malloc_arenas(hostmem.MAX_MALLOC_ARENAS)

@@ -41,3 +41,14 @@ def test_one_rank_and_a_users_setting_are_left_alone(clean_env):
 def test_more_ranks_than_cores_still_get_one_worker(clean_env):
     clean_env.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert context.share_compile_workers(8) == 1
+
+
+def test_a_rank_caps_malloc_arenas_before_it_joins_the_group(clean_env):
+    calls = []
+    clean_env.setattr(context, "limit_malloc_arenas", lambda: calls.append("arenas"))
+    clean_env.setattr(context, "_init_group", lambda ctx, device: calls.append("group"))
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        clean_env.setenv(key, value)
+    ctx, device = context.init_from_env("cpu")
+    assert calls == ["arenas", "group"] and ctx.rank == 1 and device.type == "cpu"

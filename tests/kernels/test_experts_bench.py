@@ -22,3 +22,22 @@ def test_experts_piece_compares_peft_and_fast_path(preset):
     assert result["eager"]["s"] > 0 and result["fast"]["s"] > 0 and result["fast"]["host_syncs"] is None
     assert result["out_rel_err"] < 1e-5 and result["grad_cosine_min"] > 0.99999
     assert len(result["grad_cosine"]) == 4  # lora_A/lora_B of gate_up_proj and down_proj
+
+
+def test_profile_categories_count_kernels_once():
+    """A compiled graph's GPU range ("## Call CompiledFxGraph ... ##") and ATen ops are not kernels of their own."""
+    from types import SimpleNamespace
+
+    from fast_step import categorise
+    from torch.autograd import DeviceType
+
+    def event(name, us, device=DeviceType.CUDA, count=1):
+        return SimpleNamespace(key=name, count=count, self_device_time_total=us, device_type=device)
+
+    events = [event("triton_tem_fused_flex_attention_backward_1", 2000.0, count=2),
+              event("## Call CompiledFxGraph fklsqnimpjr6gjp4bk5io6pximwdgehjmyyoxt6ztzd3tmi42llq ##", 2000.0),
+              event("aten::mm", 500.0), event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 500.0),
+              event("cudaLaunchKernel", 0.0, DeviceType.CPU, count=3)]
+    result = categorise(SimpleNamespace(key_averages=lambda: events))
+    assert result["category_ms"]["attention"] == 2.0 and result["category_ms"]["gemm"] == 0.5
+    assert result["kernel_ms"] == 2.5 and result["launches"] == 3

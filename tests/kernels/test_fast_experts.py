@@ -37,6 +37,28 @@ def test_combine_equals_weighting_in_sorted_order_then_gathering():
     torch.testing.assert_close(combine_routed(proj, weights, inverse), stock, rtol=0, atol=1e-6)
 
 
+def test_routed_gathers_have_the_gradients_of_index_select():
+    """The permutation gathers' backward (gathers, no index_add) equals autograd's index_select backward."""
+    from streamtune.kernels.experts import _ExpandTokens
+
+    gen = torch.Generator().manual_seed(0)
+    index = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, generator=gen, requires_grad=True)
+    _, perm, _ = route(index, 6)
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(10))
+    hidden = torch.randn(5, 3, generator=gen, requires_grad=True)
+    grad = torch.randn(5, 3, generator=gen)
+
+    def run(fast):
+        hidden.grad = weights.grad = None
+        rows = _ExpandTokens.apply(hidden, perm, inverse, 2) if fast else hidden.index_select(0, perm // 2)
+        combine_routed(rows * 2.0, weights, inverse, perm if fast else None).backward(grad)
+        return hidden.grad.clone(), weights.grad.clone()
+
+    for got, ref in zip(run(True), run(False)):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("route_name", ROUTES)
 @pytest.mark.parametrize("name", MOE_MODELS)
 def test_fp32_model_loss_and_grads_equal_stock_experts(name, route_name):
@@ -65,8 +87,12 @@ def test_compiled_combine_trains_like_the_stock_experts():
         torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=key)
 
 
-def test_off_by_default_and_leaves_lora_wrapped_experts_to_the_expert_lora_path():
-    assert not select_kernels("auto", "cuda", "bfloat16", (9, 0)).fast_experts
+def test_on_for_cuda_sm80_up_only_and_leaves_lora_wrapped_experts_to_the_expert_lora_path():
+    assert select_kernels("auto", "cuda", "bfloat16", (9, 0)).fast_experts
+    assert select_kernels("auto", "cuda", "bfloat16", (8, 9)).fast_experts
+    assert not select_kernels("auto", "cuda", "float16", (7, 5)).fast_experts
+    assert not select_kernels("auto", "cpu", "bfloat16").fast_experts
+    assert not select_kernels("eager", "cuda", "bfloat16", (9, 0)).fast_experts
     model, _ = _attention_lora_model("tiny-qwen3-moe", target_parameters=["experts.gate_up_proj"])
     choice = dataclasses.replace(select_kernels("auto", "cpu", "float32"), fast_experts=True)
     applied = apply_kernels(model, choice)

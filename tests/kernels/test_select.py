@@ -24,9 +24,10 @@ def test_h200_gets_everything_and_the_measured_head_dim_512_options():
     choice = select_kernels("auto", "cuda", "bfloat16", (9, 0))
     assert choice.lora_compute_dtype and choice.fused_linear_ce and choice.compile_loss
     assert choice.flex_attention and choice.grouped_mm
-    assert choice.kernel_options(256) is None  # Triton's defaults fit at head_dim 256
+    assert choice.kernel_options(128) is None  # Triton's defaults at head_dim 128
+    assert choice.kernel_options(256) == {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2, "num_warps": 8}
     opts = choice.kernel_options(512)
-    assert opts["BLOCK_M"] == 64 and opts["BLOCK_N"] == 32 and opts["num_stages"] == 1 and opts["num_warps"] == 8
+    assert opts["BLOCK_M"] == 64 and opts["BLOCK_N"] == 32 and opts["num_stages"] == 2 and opts["num_warps"] == 8
     assert select_kernels("auto", "cuda", "bfloat16", (10, 0)).grouped_mm
 
 

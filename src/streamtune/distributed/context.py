@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamtune.errors import InputError, StreamtuneError
+from streamtune.hostmem import limit_malloc_arenas
 
 TIMEOUT_ENV = "STREAMTUNE_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -277,6 +278,7 @@ def init_from_env(device_name: str = "auto") -> tuple[DistContext, Any]:
                          f"`torchrun --nproc-per-node N -m streamtune train CONFIG`")
     ctx = DistContext(rank=_env_int("RANK", 0), world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0),
                       local_world_size=_env_int("LOCAL_WORLD_SIZE", 1), timeout_s=timeout_s())
+    limit_malloc_arenas()  # before CUDA, NCCL and the compile pool start their threads (host RAM per rank)
     device = torch.device("cpu")
     if wants_cuda:
         if ctx.local_rank >= torch.cuda.device_count():

@@ -17,6 +17,8 @@ where it applies and falls back to the stock path where it does not:
   product) on the CPU and older cards.
 - Fused RMSNorm and gated activation (:mod:`.fused`, compiled): CUDA only (on the CPU Inductor
   needs a C++ compiler and minutes of compiling for no speed-up; tests force it on).
+- Experts without LoRA through streamtune's routed forward (``fast_experts``): CUDA sm80+, where the
+  ``grouped_mm`` route runs (the ``loop`` route reads offsets on the host once per product).
 - Regional compile of whole decoder layers (:mod:`.regional`): only when asked for
   (``train.compile_layers``), on any device; off by default until measured.
 """
@@ -30,12 +32,18 @@ from streamtune.config import KERNEL_MODES
 
 # Capabilities with ~228 KB of shared memory per block and a grouped_mm fast path.
 _LARGE_SMEM_CAPABILITIES = ((9, 0), (10, 0))
-# Measured on the H200 (sm90): the default configs ask for 262,144 B of shared memory at
-# head_dim 512 (limit 232,448); these compile and run (notes/profile-categories.md).
+# Measured on the H200 (sm90), one layer at 8192 tokens, forward + backward
+# (benchmarks/flex_sweep.py; benchmarks/results/flex_sweep-8192-*.json):
+# - head_dim 512 (16 q / 2 kv heads, causal): the default configs ask for 262,144 B of shared memory
+#   (limit 232,448). 64 x 32 tiles with two pipeline stages: 47.3 ms, against 65.4 ms with one stage and
+#   82.0 ms for memory-efficient SDPA.
+# - head_dim 256 (16 q / 8 kv heads, window 1024): 128 x 64 forward tiles, two stages, eight warps: 2.8 ms,
+#   against 3.4 ms with Triton's defaults.
 _HEAD_DIM_512_OPTIONS_SM90 = {
     "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32,
-    "num_stages": 1, "num_warps": 8,
+    "num_stages": 2, "num_warps": 8,
 }
+_HEAD_DIM_256_OPTIONS_SM90 = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2, "num_warps": 8}
 # Consumer cards (sm86 / sm89: ~100 KB of shared memory per block): small tiles for every head dim
 # above 128, one pipeline stage.
 _SMALL_SMEM_OPTIONS = {
@@ -62,8 +70,8 @@ class KernelChoice:
         fused_norm_act: RMSNorms and gated MLP activations through compiled fused kernels.
         compile_layers: each decoder layer's forward through one shared ``torch.compile``.
         fast_experts: experts modules without LoRA through streamtune's routed forward, and every experts
-            module's routing-weighted sum as one compiled kernel (off until measured on a GPU:
-            ``benchmarks/profile_step.py --with fast_experts``).
+            module's routing-weighted sum as one compiled kernel (CUDA sm80+; measured on the H200, 26B preset,
+            8192 tokens: 1.26 -> 1.11 s per step).
     """
 
     mode: str = "eager"
@@ -103,11 +111,12 @@ class KernelChoice:
 def flex_options_for(capability: tuple[int, int]) -> dict[int, dict[str, int]]:
     """FlexAttention ``kernel_options`` by the largest head dim they serve, for a CUDA capability.
 
-    sm90 / sm100: Triton's defaults up to head_dim 256, the measured H200 options above. Other
-    cards (smaller shared memory; not measured here): defaults up to 128, small tiles above.
+    sm90 / sm100: Triton's defaults up to head_dim 128, the measured H200 options above (sm100 has the same
+    shared memory; its speed with them is not measured). Other cards (smaller shared memory; not measured
+    here): defaults up to 128, small tiles above.
     """
     if tuple(capability) in _LARGE_SMEM_CAPABILITIES:
-        return {256: {}, 512: dict(_HEAD_DIM_512_OPTIONS_SM90)}
+        return {128: {}, 256: dict(_HEAD_DIM_256_OPTIONS_SM90), 512: dict(_HEAD_DIM_512_OPTIONS_SM90)}
     return {128: {}, 512: dict(_SMALL_SMEM_OPTIONS)}
 
 
@@ -146,7 +155,7 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
         fused_linear_ce=True, compile_loss=True, flex_attention=flex,
         grouped_mm=capability in _LARGE_SMEM_CAPABILITIES, flex_options=flex_options_for(capability) if flex else {},
         expert_lora="grouped_mm" if capability >= (8, 0) else "loop",
-        fused_norm_act=True, compile_layers=compile_layers,
+        fused_norm_act=True, compile_layers=compile_layers, fast_experts=capability >= (8, 0),
     )
 
 
