@@ -110,7 +110,8 @@ class TrainConfig:
                             "Empty: one device (train.device).")
     kernels: str = _f("auto", "auto: fast kernels where the device supports them (bf16 LoRA products, fused "
                       "soft-capped linear+CE, FlexAttention on CUDA, expert LoRA as grouped low-rank products, "
-                      "fused RMSNorm and gated activation on CUDA); eager: the stock HF/PEFT path.")
+                      "fused RMSNorm and gated activation on CUDA, routed MoE experts on CUDA sm80+); eager: the "
+                      "stock HF/PEFT path.")
     compile_layers: bool = _f(False, "Compile each decoder layer's forward (torch.compile, shared by all layers; "
                               "needs train.kernels=auto). Off by default until measured faster.")
 

@@ -32,14 +32,14 @@ def test_json(capsys):
 
 
 def test_does_not_fit_exits_2_with_shortfall_and_knob(capsys):
-    code = main(["plan", "gemma4-26b-a4b", "--gpu-memory", "8GiB", "--host-memory", "64GiB"])
+    code = main(["plan", "gemma4-26b-a4b", "--gpu-memory", "6GiB", "--host-memory", "64GiB"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "exceeds the GPU budget 8.00 GiB by" in err and "--tokens" in err and "--gpu-memory" in err
+    assert "exceeds the GPU budget 6.00 GiB by" in err and "--tokens" in err and "--gpu-memory" in err
 
 
 def test_does_not_fit_json_exits_2(capsys):
-    code = main(["plan", "gemma4-26b-a4b", "--gpu-memory", "8GiB", "--host-memory", "64GiB", "--json"])
+    code = main(["plan", "gemma4-26b-a4b", "--gpu-memory", "6GiB", "--host-memory", "64GiB", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 2 and data["fits"] is False and data["suggestions"]
 

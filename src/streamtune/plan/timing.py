@@ -75,18 +75,22 @@ class KernelCosts:
 
 
 # eager: the 2026-11-28 fit above (fixed time on the GPU side, nothing separate for the CPU).
-# fast: FlexAttention, fused loss, compute-dtype LoRA, fused norms and activations, the Triton int8 decode.
-# Fitted to benchmarks/profile_step.py on the 26B preset, int8, 24 GiB cap, streamed (2026-11-30, session 6:
-# benchmarks/results/profile_step-NVIDIA_H200-auto-20261130-*.json), planned with the named h200 profile:
-# - flex attention 54 / 471 ms at 2048 / 8192 tokens: efficiency 0.16 / 0.14;
-# - grouped GEMMs 111 / 298 ms (predicted 103 / 313 with experts at rows / (rows + 128));
-# - the other kernels (norms, activations, routing, residuals, device copies; the decode is apart) 166 / 571 ms
-#   over 90 layer passes: 0.35 ms per pass plus 0.731 us per token and pass;
-# - the host issued the 2048-token step in 0.605 s: 6.7 ms per layer pass.
+# fast: FlexAttention (options per head dim), fused loss, compute-dtype LoRA, fused norms and activations, the
+# routed experts with their compiled combine, the Triton int8 decode. Fitted to benchmarks/profile_step.py on the
+# 26B preset, int8, 24 GiB cap, streamed (2026-11-30, session 7:
+# benchmarks/results/profile_step-NVIDIA_H200-auto-20261130-151555-x2gpu0.json and -stages-*.json), planned with
+# the named h200 profile:
+# - flex attention 39.8 / 331.5 ms at 2048 / 8192 tokens: efficiency 0.20 / 0.21;
+# - grouped GEMMs 111 / 297 ms (predicted 103 / 313 with experts at rows / (rows + 128));
+# - the other kernels (norms, activations, routing, residuals, device copies; the 40 ms decode apart) 110 / 354 ms
+#   over 90 layer passes: 0.31 ms per pass plus 0.441 us per token and pass;
+# - the host issued the 2048-token step in 0.674 s (0.682 s on another H200 host): 7.5 ms per layer pass.
+# In sample: 0.675 / 1.084 s predicted, 0.674 / 1.051 s measured; out of sample, one GPU of the data-parallel
+# benchmark (4 micro-batches of 2048): 2.70 s predicted, 2.65 s measured.
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
-    "fast": KernelCosts(attention_efficiency=0.15, gpu_s_per_layer_pass=0.00035, elementwise_s_per_token=0.731e-6,
-                        cpu_s_per_layer_pass=0.0067, expert_half_rows=128.0),
+    "fast": KernelCosts(attention_efficiency=0.21, gpu_s_per_layer_pass=0.00031, elementwise_s_per_token=0.441e-6,
+                        cpu_s_per_layer_pass=0.0075, expert_half_rows=128.0),
 }
 # memory speed of the card the fast costs were fitted on (the named h200 profile): elementwise time scales by it
 CALIBRATION_HBM_GBPS = 3600.0
