@@ -92,3 +92,16 @@ def test_regional_layer_compile_step_equals_stock_without_a_compile_per_layer(na
     assert counters["stats"]["unique_graphs"] == graphs
     restore_layers(decoder(model).layers)
     assert all("forward" not in layer.__dict__ for layer in decoder(model).layers)
+
+
+def test_layers_the_engine_wrapped_are_not_compiled_over():
+    """Compiling after placement would replace the engine's forward, which binds the weights first: refused."""
+    from streamtune.kernels.regional import compile_layers
+
+    model, _ = _model("tiny-llama")
+    layers = decoder(model).layers
+    layers[1].forward = lambda *args, **kwargs: None  # what StreamEngine._wrap does, in effect
+    with pytest.raises(RuntimeError, match="decoder layer 1 already has a forward of its own"):
+        compile_layers(layers)
+    assert all(type(layer).__name__ != "function" and "_streamtune_compiled_layer" not in layer.__dict__
+               for layer in layers)  # none patched

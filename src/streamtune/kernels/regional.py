@@ -74,7 +74,17 @@ def compile_layers(layers: Any) -> int:
 
     Returns:
         The number of layers patched.
+
+    Raises:
+        RuntimeError: a layer already has a forward bound on the instance (the engine's ``StreamedLayer``, which
+            binds the layer's weights before it runs the forward it wrapped): replacing it would run the layer
+            on unbound placeholder weights. Compile the layers before they are placed.
     """
+    for index, layer in enumerate(layers):  # all checked before any is patched
+        if not getattr(layer, _FLAG, False) and "forward" in layer.__dict__:
+            raise RuntimeError(f"decoder layer {index} already has a forward of its own "
+                               f"({type(layer.__dict__['forward']).__name__}); compile the layers before the engine "
+                               "places them (apply_kernels before StreamEngine)")
     patched = 0
     for layer in layers:
         if getattr(layer, _FLAG, False):
