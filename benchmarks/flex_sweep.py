@@ -160,7 +160,7 @@ def main() -> int:
         options = OPTION_SETS[name]
         run_variant(f"flex_{name}", lambda options=options: compiled(q, k, v, block_mask=block_mask, scale=scale,
                                                                      enable_gqa=True, kernel_options=options))
-    print(f"\n| variant | fwd ms | fwd+bwd ms | TFLOP/s (3.5x fwd) | out err | dq err |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| variant | fwd ms | fwd+bwd ms | TFLOP/s (3.5x fwd) | out err | dq err |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
             print(f"| {r['name']} | {r['error'][:80]} | | | | |")
@@ -171,7 +171,8 @@ def main() -> int:
         from pathlib import Path
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"flex_sweep-{args.tokens}-d{args.head_dim}-w{args.window}.json").write_text(json.dumps({"args": vars(args), "rows": rows}))
+        name = f"flex_sweep-{args.tokens}-d{args.head_dim}-w{args.window}.json"
+        (Path(args.out) / name).write_text(json.dumps({"args": vars(args), "rows": rows}))
     return 0
 
 

@@ -171,24 +171,22 @@ def apply_stage(model: Any, kernels: Any, stage: str) -> Any:
     return dataclasses.replace(kernels, **{stage[1:]: stage[0] == "+"})
 
 
-def main() -> int:
-    args = _args()
-    args.started = time.strftime("%Y%m%d-%H%M%S")
-    from streamtune.bench.common import GIB, attach_lora, bench_config, cap_gpu_memory, random_batch
-    from streamtune.bench.variants import _adamw, _our_step
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """The preset with LoRA and the fast pieces, on the engine under the cap: what every point profiles."""
+    import dataclasses
+
+    from streamtune.bench.common import GIB, attach_lora, bench_config, cap_gpu_memory
+    from streamtune.bench.variants import _adamw
+    from streamtune.devices import detect_link_profile
     from streamtune.kernels import apply_kernels, select_for_device
     from streamtune.models.adapters import adapter_for
     from streamtune.models.build import LazyPreset
     from streamtune.offload import StreamEngine
-    from streamtune.plan import make_plan
 
     config = bench_config(args.model, args.num_layers)
-    adapter = adapter_for(config)
     lazy = LazyPreset(config, torch.bfloat16)
     model = attach_lora(lazy.model, args.lora_rank)
     kernels = select_for_device(args.kernels, torch.device("cuda"), torch.bfloat16, args.compile_layers)
-    import dataclasses
-
     switches = {name.strip(): False for name in args.without.split(",") if name.strip()}
     switches.update({name.strip(): True for name in args.with_.split(",") if name.strip()})
     kernels = dataclasses.replace(kernels, **switches)
@@ -197,38 +195,55 @@ def main() -> int:
     cap_gpu_memory(budget)
     engine = StreamEngine(model, "cuda", streamed=list(range(config.num_hidden_layers)), codec=args.codec,
                           load_tensor=lazy.load_tensor)
-    opt = _adamw(model)
-    from streamtune.devices import detect_link_profile
+    return {"config": config, "adapter": adapter_for(config), "model": model, "kernels": kernels, "applied": applied,
+            "budget": budget, "engine": engine, "opt": _adamw(model), "link": detect_link_profile(torch.device("cuda"))}
 
-    link = detect_link_profile(torch.device("cuda"))
+
+def profile_point(args: argparse.Namespace, run: dict[str, Any], tokens: int, resident: bool, stage: str) -> dict:
+    """Place as the planner says at ``tokens`` (unless ``resident``), then :func:`measure` one point."""
+    from streamtune.bench.common import random_batch
+    from streamtune.bench.variants import _our_step
+    from streamtune.plan import make_plan
+
+    engine = run["engine"]
+    plan = make_plan(run["config"], codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
+                     gpu_budget_bytes=run["budget"], link=run["link"], loss_chunk_tokens=args.loss_chunk_tokens,
+                     suggest=False, kernels=args.kernels)
+    if not resident:
+        engine.set_streamed(plan.streamed_indices)
+    engine.step_metrics()
+    batch = random_batch(tokens, run["config"].vocab_size, "cuda")
+
+    def step() -> Any:
+        return _our_step(run["model"], run["adapter"], batch, run["opt"], args.loss_chunk_tokens, run["kernels"])
+
+    return {"tokens": tokens, "resident": resident, "stage": stage or "plain", "kernels": args.kernels,
+            "codec": args.codec, "num_streamed": len(engine.streamed), "predicted_step_s": plan.step_seconds,
+            "predicted_peak_gib": plan.gpu_peak_bytes / 2**30,
+            "predicted_tensor_peak_gib": plan.tensor_peak_bytes / 2**30, **measure(step, args),
+            "transfer": engine.step_metrics()}
+
+
+def main() -> int:
+    args = _args()
+    args.started = time.strftime("%Y%m%d-%H%M%S")
+    from streamtune.bench.common import cap_gpu_memory
+    from streamtune.kernels.counters import CALLS
+
+    run = setup(args)
     points = []
     stages = [""] + [st.strip() for st in args.stages.split(",") if st.strip()]
     for resident in ([False, True] if args.resident else [False]):
         if resident:
             cap_gpu_memory(None)
-            engine.set_streamed([])
+            run["engine"].set_streamed([])
         for stage in stages:
             if stage:
-                kernels = apply_stage(model, kernels, stage)
+                run["kernels"] = apply_stage(run["model"], run["kernels"], stage)
             for tokens in [int(t) for t in args.tokens.split(",")]:
-                plan = make_plan(config, codec=args.codec, tokens=tokens, lora_rank=args.lora_rank, lora_targets=None,
-                                 gpu_budget_bytes=budget, link=link, loss_chunk_tokens=args.loss_chunk_tokens,
-                                 suggest=False, kernels=args.kernels)
-                if not resident:
-                    engine.set_streamed(plan.streamed_indices)
-                engine.step_metrics()
-                batch = random_batch(tokens, config.vocab_size, "cuda")
-
-                def step(batch: Any = batch, kernels: Any = kernels) -> Any:
-                    return _our_step(model, adapter, batch, opt, args.loss_chunk_tokens, kernels)
-
-                point = {"tokens": tokens, "resident": resident, "stage": stage or "plain", "kernels": args.kernels,
-                         "codec": args.codec, "num_streamed": len(engine.streamed),
-                         "predicted_step_s": plan.step_seconds, "predicted_peak_gib": plan.gpu_peak_bytes / 2**30,
-                         "predicted_tensor_peak_gib": plan.tensor_peak_bytes / 2**30, **measure(step, args),
-                         "transfer": engine.step_metrics()}
+                point = profile_point(args, run, tokens, resident, stage)
                 points.append(point)
-                save(args, applied, points)
+                save(args, run["applied"], points)
                 brief = {k: v for k, v in point.items() if k not in ("top", "top_ops", "host_profile")}
                 print(f"[profile] {json.dumps(brief)}", flush=True)
                 for ms, count, name in point["top"][:args.top]:
@@ -236,10 +251,8 @@ def main() -> int:
                 print("  by op and input shapes:")
                 for ms, count, op, shapes in point["top_ops"]:
                     print(f"    {ms:8.1f} ms  x{count:<5d} {op} {shapes}")
-    from streamtune.kernels.counters import CALLS
-
     print(f"kernel counters: {dict(CALLS)}")
-    print(table(points, applied))
+    print(table(points, run["applied"]))
     return 0
 
 

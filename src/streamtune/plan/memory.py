@@ -53,9 +53,11 @@ def layer_saved_activation_bytes(layer: LayerSize, tokens: int, fused: bool = Fa
     output and weighted output (3 x hidden + 4 x expert FFN). With the fast experts (``fused``) a routed token
     keeps its gate/up output and its expert output (2 x expert FFN + hidden): frozen expert weights need no
     saved inputs, and the weighting is fused into the combine; expert LoRA keeps its two inputs besides
-    (hidden + expert FFN). Measured on the CPU with frozen weights, both experts paths keep about that much (the
-    stock count above is calibrated with trainable weights); on the H200 (26B, int8, 8192 tokens) the fast path's
-    peak was 1.64 GiB below the stock experts' (benchmarks/results/profile_step-NVIDIA_H200-auto-stages-*.json).
+    (hidden + expert FFN). This count is not measured apart. On the CPU with frozen weights (tiny Gemma4 and
+    Qwen3-MoE, whole decoder, 256 and 1024 tokens) the fast experts kept 1-17 % more than the stock ones (the stock
+    count above is calibrated with trainable weights). On the H200 (26B, int8, 8192 tokens) the fast path's GPU
+    peak was 1.64 GiB below the stock experts' (benchmarks/results/profile_step-NVIDIA_H200-auto-stages-*.json);
+    this count fits the measured peaks.
     """
     s = layer.shape
     per_token = s.norm_elements + 3 * s.q_width + 2 * s.kv_width + s.hidden + 4 * s.dense_width
