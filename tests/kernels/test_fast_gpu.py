@@ -55,21 +55,31 @@ def test_fp32_fast_path_matches_eager_on_cuda(name):
         assert cosine > 0.999, key
 
 
+def _fallback_state():
+    """Which compiled pieces gave up (and why), and the kernel counters: the message of a failed assertion."""
+    from streamtune.kernels import attention, experts, fused
+    from streamtune.kernels.counters import CALLS
+
+    return {"attention_broken": attention._STATE["broken"], "fused_broken": fused._STATE["broken"],
+            "combine_failure": list(experts._COMBINE_FAILURE), "calls": dict(CALLS)}
+
+
 @pytest.mark.parametrize("stream", ["none", "all"])
 def test_recipe_auto_kernels_train_and_record_the_choice(tmp_path, run_dict, stream):
     raw = run_dict(tmp_path / "run", train={"device": "cuda", "max_steps": 8, "lr": 1e-2, "kernels": "auto"},
                    memory={"stream": stream})
     reset()
     result = train(from_dict(raw))
-    assert calls("flex_attention") > 0 and calls("lora_compute_dtype") > 0 and calls("fused_linear_ce") > 0
-    assert calls("fused_compiled") > 0 and calls("rms_norm_scaled") > 0
-    assert sum(result.losses[-2:]) < sum(result.losses[:2])
+    state = _fallback_state()  # a piece that failed to compile earlier in the process runs eagerly from then on
+    assert calls("flex_attention") > 0 and calls("lora_compute_dtype") > 0 and calls("fused_linear_ce") > 0, state
+    assert calls("fused_compiled") > 0 and calls("rms_norm_scaled") > 0, state
+    assert sum(result.losses[-2:]) < sum(result.losses[:2]), result.losses
     kernels = json.loads((tmp_path / "run" / "placement.json").read_text())["kernels"]
-    assert kernels["mode"] == "auto" and kernels["attention"] == "streamtune_flex" and kernels["lora_layers"] > 0
+    assert kernels["mode"] == "auto" and kernels["attention"] == "streamtune_flex" and kernels["lora_layers"] > 0, kernels
     raw = run_dict(tmp_path / "eager", train={"device": "cuda", "max_steps": 1, "kernels": "eager"},
                    memory={"stream": stream})
     eager = train(from_dict(raw))
-    assert abs(eager.losses[0] - result.losses[0]) / eager.losses[0] < 1e-2
+    assert abs(eager.losses[0] - result.losses[0]) / eager.losses[0] < 1e-2, (eager.losses[0], result.losses[0])
 
 
 @pytest.mark.parametrize("stream", ["none", "all"])
