@@ -48,7 +48,7 @@ def _args() -> argparse.Namespace:
                    "fused_norm_act,lora_compute_dtype (what each costs or saves on the host and the GPU)")
     p.add_argument("--with", dest="with_", default="", help="pieces off by default to turn on, e.g. fast_experts")
     p.add_argument("--stages", default="", help="comma list of changes made one after another in this process, each "
-                   "profiled at every --tokens after the plain run: +fast_experts, -fused_norm_act, "
+                   "profiled at every --tokens after the plain run: +/-fast_experts, -fused_norm_act, "
                    "flex512=<set>, flex256=<set> (a flex_sweep.py option set); one model setup for all")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
@@ -161,6 +161,10 @@ def apply_stage(model: Any, kernels: Any, stage: str) -> Any:
         from streamtune.kernels.experts import use_fast_experts
 
         use_fast_experts(model, kernels.expert_lora or "loop")
+    elif stage == "-fast_experts":
+        from streamtune.kernels.experts import restore_stock_experts
+
+        restore_stock_experts(model)
     elif stage == "-fused_norm_act":
         from streamtune.kernels.fused import restore_stock_norms_and_activation
 

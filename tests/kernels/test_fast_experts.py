@@ -9,7 +9,7 @@ import torch
 
 from streamtune.config import LoraConfig
 from streamtune.kernels import apply_kernels, calls, reset, select_kernels
-from streamtune.kernels.experts import combine_routed, route, use_fast_experts
+from streamtune.kernels.experts import combine_routed, restore_stock_experts, route, use_fast_experts
 from streamtune.lora import attach_lora
 from streamtune.models.build import build_model
 from tests.kernels.steps import labelled_batch, loss_and_grads, perturb_for_checks
@@ -72,6 +72,19 @@ def test_fp32_model_loss_and_grads_equal_stock_experts(name, route_name):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for key, ref in ref_grads.items():  # q/v LoRA of every layer: their gradients cross the experts and router
         torch.testing.assert_close(grads[key], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=key)
+
+
+def test_restoring_gives_back_the_stock_experts():
+    model, adapter = _attention_lora_model("tiny-qwen3-moe")
+    batch = labelled_batch(model.config.vocab_size)
+    ref_loss, _ = loss_and_grads(model, adapter, batch)
+    assert use_fast_experts(model, "loop") == model.config.num_hidden_layers
+    restore_stock_experts(model)
+    reset()
+    loss, _ = loss_and_grads(model, adapter, batch)
+    assert calls("fast_experts") == 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in model.modules() if hasattr(m, "gate_up_proj"))
 
 
 def test_compiled_combine_trains_like_the_stock_experts():

@@ -363,6 +363,16 @@ def use_fast_experts(model: Any, route_name: str) -> int:
     return patched
 
 
+def restore_stock_experts(model: Any) -> None:
+    """Undo :func:`use_fast_experts` (transformers' experts forward again, PEFT's combine for wrapped ones)."""
+    for module in model.modules():
+        if getattr(module, _PLAIN_FLAG, None):
+            del module.forward
+            setattr(module, _PLAIN_FLAG, None)
+        if getattr(module, _COMBINE_FLAG, False):
+            setattr(module, _COMBINE_FLAG, False)
+
+
 def use_fast_expert_lora(model: Any, route_name: str) -> int:
     """Bind :func:`fast_expert_lora_forward` to each experts module's outermost PEFT ``ParamWrapper``.
 
