@@ -148,14 +148,15 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
     if capability is None:
         raise ValueError("select_kernels: a CUDA device needs its compute capability")
     capability = (int(capability[0]), int(capability[1]))
-    # FlexAttention's Triton kernels need sm80+ (bf16 MMA); older cards keep the stock attention.
-    flex = capability >= (8, 0)
+    # FlexAttention's Triton kernels need sm80+ (bf16 MMA), and torch._grouped_mm runs there: older cards keep
+    # the stock attention and experts, and expert LoRA takes the loop route
+    sm80 = capability >= (8, 0)
     return KernelChoice(
         mode=mode, device_type=device_type, capability=capability, lora_compute_dtype=low_precision,
-        fused_linear_ce=True, compile_loss=True, flex_attention=flex,
-        grouped_mm=capability in _LARGE_SMEM_CAPABILITIES, flex_options=flex_options_for(capability) if flex else {},
-        expert_lora="grouped_mm" if capability >= (8, 0) else "loop",
-        fused_norm_act=True, compile_layers=compile_layers, fast_experts=capability >= (8, 0),
+        fused_linear_ce=True, compile_loss=True, flex_attention=sm80,
+        grouped_mm=capability in _LARGE_SMEM_CAPABILITIES, flex_options=flex_options_for(capability) if sm80 else {},
+        expert_lora="grouped_mm" if sm80 else "loop",
+        fused_norm_act=True, compile_layers=compile_layers, fast_experts=sm80,
     )
 
 
