@@ -43,7 +43,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--tokens", default="2048,8192")
     p.add_argument("--cap-gib", type=float, default=24.0)
     p.add_argument("--kernels", default="auto", choices=["auto", "eager"])
-    p.add_argument("--compile-layers", action="store_true", help="train.compile_layers: regional compile")
+    p.add_argument("--compile-layers", action="store_true", help="force train.compile_layers on (default: as train's "
+                   "default, on for CUDA sm80+; `--without compile_layers` turns it off)")
     p.add_argument("--without", default="", help="fast pieces to turn off, KernelChoice fields, e.g. "
                    "fused_norm_act,lora_compute_dtype (what each costs or saves on the host and the GPU)")
     p.add_argument("--with", dest="with_", default="", help="pieces off by default to turn on, e.g. fast_experts")
@@ -190,10 +191,11 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     config = bench_config(args.model, args.num_layers)
     lazy = LazyPreset(config, torch.bfloat16)
     model = attach_lora(lazy.model, args.lora_rank)
-    kernels = select_for_device(args.kernels, torch.device("cuda"), torch.bfloat16, args.compile_layers)
+    kernels = select_for_device(args.kernels, torch.device("cuda"), torch.bfloat16, args.compile_layers or None)
     switches = {name.strip(): False for name in args.without.split(",") if name.strip()}
     switches.update({name.strip(): True for name in args.with_.split(",") if name.strip()})
     kernels = dataclasses.replace(kernels, **switches)
+    args.compile_layers = kernels.compile_layers  # the results file's name says whether layers were compiled
     applied = apply_kernels(model, kernels)
     budget = int(args.cap_gib * GIB)
     cap_gpu_memory(budget)
@@ -256,8 +258,17 @@ def main() -> int:
                 for ms, count, op, shapes in point["top_ops"]:
                     print(f"    {ms:8.1f} ms  x{count:<5d} {op} {shapes}")
     print(f"kernel counters: {dict(CALLS)}")
+    print(f"dynamo: {dynamo_summary()}")
     print(table(points, run["applied"]))
     return 0
+
+
+def dynamo_summary() -> dict[str, Any]:
+    """Graphs Dynamo compiled, recompiles and graph breaks in this process (regional compile's health)."""
+    from torch._dynamo.utils import counters
+
+    return {"stats": dict(counters["stats"]), "recompiles": sum(counters["recompiles"].values()),
+            "graph_breaks": {reason[:120]: n for reason, n in counters["graph_break"].items()}}
 
 
 def save(args: argparse.Namespace, applied: dict, points: list[dict]) -> None:

@@ -112,8 +112,11 @@ class TrainConfig:
                       "soft-capped linear+CE, FlexAttention on CUDA, expert LoRA as grouped low-rank products, "
                       "fused RMSNorm and gated activation on CUDA, routed MoE experts on CUDA sm80+); eager: the "
                       "stock HF/PEFT path.")
-    compile_layers: bool = _f(False, "Compile each decoder layer's forward (torch.compile, shared by all layers; "
-                              "needs train.kernels=auto). Off by default until measured faster.")
+    compile_layers: bool | None = _f(None, "Compile each decoder layer's forward (torch.compile, shared by all "
+                                     "layers; needs train.kernels=auto). Default (empty): on for CUDA sm80+ "
+                                     "(measured on an H200, 26B preset, int8, 2048 tokens: 0.61 -> 0.34 s per "
+                                     "step; the first step compiles for about a minute), off on the CPU (compiling "
+                                     "there takes minutes); true/false force it.")
 
 
 @dataclass

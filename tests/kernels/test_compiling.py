@@ -57,3 +57,29 @@ def test_settings_never_lower_a_users_limit(_dynamo_config):
     config.recompile_limit = 500
     compiling.compile_fn(rms_norm_scaled, dynamic=True)
     assert config.recompile_limit == 500
+
+
+def test_a_count_inside_a_compiled_region_does_not_recompile_it():
+    """A count traced into a graph guarded the graph on the counter's value: a recompile per call (H200, 26B)."""
+    from streamtune.kernels.counters import calls, count, reset
+
+    def piece(x):
+        count("traced_piece")
+        return x * 2 + 1
+
+    torch._dynamo.reset()
+    reset()
+    recorder = _Recorder()
+    fn = torch.compile(piece, dynamic=True, backend=recorder)
+    for _ in range(4):
+        torch.testing.assert_close(fn(torch.ones(3)), torch.full((3,), 3.0))
+        count("outside")
+    assert len(recorder.graphs) == 1
+    assert calls("outside") == 4 and calls("traced_piece") == 0  # counted on the host only
+
+
+def test_checkpoint_early_stop_is_not_a_compile_failure():
+    from torch.utils.checkpoint import _StopRecomputationError
+
+    assert not compiling.is_compile_failure(_StopRecomputationError())
+    assert compiling.is_compile_failure(RuntimeError("Triton lowering failed"))

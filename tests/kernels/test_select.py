@@ -61,13 +61,19 @@ def test_config_rejects_unknown_kernels_mode():
     assert any("train.kernels" in p for p in validate(cfg))
 
 
-def test_fused_norms_on_cuda_only_and_layer_compile_only_when_asked():
+def test_fused_norms_on_cuda_only_and_layer_compile_on_cuda_sm80_unless_turned_off():
     assert select_kernels("auto", "cuda", "bfloat16", (9, 0)).fused_norm_act
     assert select_kernels("auto", "cuda", "bfloat16", (8, 9)).fused_norm_act
     assert not select_kernels("auto", "cpu", "bfloat16").fused_norm_act
     assert not select_kernels("eager", "cuda", "bfloat16", (9, 0)).fused_norm_act
-    assert not select_kernels("auto", "cuda", "bfloat16", (9, 0)).compile_layers
-    assert select_kernels("auto", "cuda", "bfloat16", (9, 0), compile_layers=True).compile_layers
+    # train.compile_layers empty (None): on for CUDA sm80+, off below and on the CPU
+    assert select_kernels("auto", "cuda", "bfloat16", (9, 0)).compile_layers
+    assert select_kernels("auto", "cuda", "bfloat16", (8, 9)).compile_layers
+    assert not select_kernels("auto", "cuda", "float16", (7, 5)).compile_layers
+    assert not select_kernels("auto", "cpu", "float32").compile_layers
+    assert not select_kernels("auto", "cuda", "bfloat16", (9, 0), compile_layers=False).compile_layers
+    assert select_kernels("auto", "cuda", "float16", (7, 5), compile_layers=True).compile_layers
     assert select_kernels("auto", "cpu", "float32", compile_layers=True).compile_layers
     assert not select_kernels("eager", "cpu", "float32", compile_layers=True).compile_layers
+    assert not select_kernels("eager", "cuda", "bfloat16", (9, 0)).compile_layers
     assert select_kernels("auto", "cuda", "bfloat16", (9, 0), True).describe()["compile_layers"] is True

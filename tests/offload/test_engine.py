@@ -207,3 +207,34 @@ def test_bind_views_are_built_once_per_slot_and_dropped_with_the_ring(monkeypatc
     assert engine._bind_views == {}
     train_steps(model, data[:1], grad_accum=1)
     assert list(engine._bind_views) == [(1, engine.ring.slots[0].buffer.data_ptr())]
+
+
+def test_a_forward_bound_before_placement_survives_it():
+    """``train.compile_layers`` binds each layer's forward before placement: resident, re-placed and closed
+    layers keep it (it was deleted with the engine's wrapper, so resident layers silently ran eagerly)."""
+    import types
+
+    model, _ = lora_model("tiny-llama")
+    layers = decoder_layers(model)
+    calls = []
+
+    def marked_forward(self, *args, **kwargs):
+        calls.append(self)
+        return type(self).forward(self, *args, **kwargs)
+
+    for layer in layers:
+        layer.forward = types.MethodType(marked_forward, layer)
+    engine = StreamEngine(model, "cpu", streamed=[1])
+    train_steps(model, batches(1, seed=6), grad_accum=1)
+    assert len(calls) >= len(layers)  # every layer, streamed or resident, went through it
+    engine.set_streamed([0])
+    assert layers[1].__dict__["forward"].__func__ is marked_forward
+    engine.close()
+    assert all(layer.__dict__["forward"].__func__ is marked_forward for layer in layers)
+
+
+def test_close_leaves_the_class_forward_of_layers_without_one_of_their_own():
+    model, _ = lora_model("tiny-llama")
+    engine = StreamEngine(model, "cpu", streamed=[0, 1])
+    engine.close()
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))

@@ -88,17 +88,26 @@ def random_batch(tokens: int, vocab: int, device: Any, seed: int = 0) -> dict[st
     return to_device({"input_ids": ids, "labels": ids.clone()}, device)
 
 
-def timed_steps(step_fn: Any, num_steps: int, num_warmup: int = 1) -> tuple[float, float]:
-    """Run ``step_fn()`` (returns the loss) warmup + timed times; returns (median seconds, last loss)."""
+WARMUP_STEPS = 2
+
+
+def timed_steps(step_fn: Any, num_steps: int, num_warmup: int = WARMUP_STEPS) -> tuple[float, float, list[float]]:
+    """Run ``step_fn()`` (returns the loss) warmup + timed times.
+
+    Two warm-up steps: the first compiles the forward and backward graphs and creates the optimizer state;
+    the second is the first that runs as every later one does.
+
+    Returns:
+        (median seconds of the timed steps, last loss, seconds of every step, warm-ups first).
+    """
     times, loss = [], float("nan")
-    for i in range(num_warmup + num_steps):
+    for _ in range(num_warmup + num_steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         loss = float(step_fn())
         torch.cuda.synchronize()
-        if i >= num_warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), loss
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[num_warmup:]), loss, times
 
 
 def cap_gpu_memory(budget_bytes: int | None) -> None:

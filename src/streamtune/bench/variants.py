@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from streamtune.bench.common import (
-    GIB, StepResult, attach_lora, bench_config, build_random_model, cap_gpu_memory, random_batch, timed_steps,
+    GIB, WARMUP_STEPS, StepResult, attach_lora, bench_config, build_random_model, cap_gpu_memory, random_batch,
+    timed_steps,
 )
 from streamtune.hostmem import peak_rss_bytes, rss_bytes
 
@@ -54,8 +55,9 @@ def _run_lengths(name: str, tokens_list: list[int], num_steps: int, step_for: An
         try:
             extra = before(tokens) if before else {}
             torch.cuda.reset_peak_memory_stats()
-            step_s, loss = timed_steps(step_for(tokens), num_steps)
+            step_s, loss, times = timed_steps(step_for(tokens), num_steps)
             result.step_s, result.tok_s, result.loss = step_s, tokens / step_s, loss
+            result.extra["step_times_s"] = [round(t, 4) for t in times]
             result.gpu_peak_bytes = torch.cuda.max_memory_allocated()
             result.extra.update(extra or {})
             result.extra.update(after(tokens) if after else {})
@@ -116,7 +118,7 @@ def run_streamtune(args: Any) -> list[StepResult]:
     results = _run_lengths("streamtune", args.tokens, args.steps, step_for, place,
                            lambda tokens: {"transfer": engine.step_metrics()})
     for result in results:
-        _attach_transfer(result, args.steps + 1)
+        _attach_transfer(result, args.steps + WARMUP_STEPS)
     if args.skip_resident:
         return results
     # Resident: decode every layer onto the uncapped GPU (the host buffers are the only copy).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamtune.kernels.compiling import is_compile_failure
 from streamtune.kernels.counters import count
 
 FLEX_NAME = "streamtune_flex"
@@ -78,6 +79,8 @@ def _flex_or_dense(query: Any, key: Any, value: Any, block_mask: Any, scaling: f
         return _flex_kernel(query.device.type)(query, key, value, block_mask=block_mask, scale=scaling,
                                                enable_gqa=enable_gqa, kernel_options=options)
     except Exception as exc:  # Inductor/Triton lowering errors have no common public base class
+        if not is_compile_failure(exc):
+            raise
         _STATE["broken"] = True
         warnings.warn(f"streamtune: FlexAttention could not be compiled on this device ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); attention falls back to SDPA with dense masks (train.kernels=eager "

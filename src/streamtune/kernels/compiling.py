@@ -12,6 +12,12 @@ constants of a model (a handful of values), so each is a guard, not an input.
 Problem 2: Gemma4 calls one norm function with 2816-, 512- and 256-wide rows, forward and backward, on every
 GPU of a layer split: the default limit of 8 compiled variants was hit on one H200, and every later call paid
 the guard checks of all 8 before running eagerly. Solution: allow enough variants for every width of a model.
+
+Problem 3: every compiled piece falls back to eager code on an exception, but non-reentrant checkpointing stops
+a recompute by raising ``_StopRecomputationError`` from a saved-tensor hook, inside whichever compiled piece
+saves the last tensor it needs: the fallback caught it, marked the piece broken and re-ran the piece, which the
+checkpoint then refused ("target_frame.early_stop is set"; regional compile on the H200). Solution:
+:func:`is_compile_failure` tells such control flow from a failure.
 """
 
 from __future__ import annotations
@@ -36,3 +42,11 @@ def compile_fn(fn: Callable[..., Any], dynamic: bool) -> Callable[..., Any]:
 
     configure_dynamo()
     return torch.compile(fn, dynamic=dynamic)
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """False for the exceptions torch raises through compiled code as control flow (checkpoint's early stop)."""
+    import torch.utils.checkpoint as checkpoint
+
+    stop = getattr(checkpoint, "_StopRecomputationError", None)
+    return not (stop is not None and isinstance(exc, stop))

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from streamtune.kernels.compiling import is_compile_failure
 from streamtune.kernels.counters import count
 
 _PATCH_FLAG = "_streamtune_fast_expert_lora"
@@ -248,6 +249,8 @@ def _combine(proj: Any, top_k_weights: Any, inverse: Any, perm: Any, compiled: b
         try:
             return _compiled_combine()(proj, top_k_weights, inverse, perm)
         except Exception as exc:  # Dynamo/Inductor/C++ compiler errors have no common public base class
+            if not is_compile_failure(exc):
+                raise
             _COMBINE_FAILURE.append(f"{type(exc).__name__}: {str(exc)[:200]}")
             warnings.warn(f"streamtune: the experts' compiled combine failed ({_COMBINE_FAILURE[0]}); it runs "
                           "uncompiled from now on", RuntimeWarning, stacklevel=2)

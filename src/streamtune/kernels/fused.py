@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from streamtune.kernels.compiling import is_compile_failure
 from streamtune.kernels.counters import count
 
 _STATE: dict[str, Any] = {"compiled": {}, "broken": False}
@@ -89,6 +90,8 @@ def run_fused(name: str, *args: Any) -> torch.Tensor:
             count("fused_compiled")
             return out
         except Exception as exc:  # Dynamo/Inductor/C++ compiler errors have no common public base class
+            if not is_compile_failure(exc):
+                raise
             _STATE["broken"] = True
             warnings.warn(f"streamtune: fused norms/activations could not be compiled here ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); they run uncompiled (train.kernels=eager silences this)",

@@ -21,6 +21,7 @@ import types
 import warnings
 from typing import Any
 
+from streamtune.kernels.compiling import is_compile_failure
 from streamtune.kernels.counters import count
 
 _STATE: dict[str, Any] = {"compiled": {}, "broken": False}
@@ -62,6 +63,8 @@ def compiled_layer_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return _call_compiled(self, args, kwargs)
         except Exception as exc:  # Dynamo/Inductor errors have no common public base class
+            if not is_compile_failure(exc):
+                raise
             _STATE["broken"] = True
             warnings.warn(f"streamtune: decoder layers could not be compiled here ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); they run eagerly (train.compile_layers=false silences this)",

@@ -164,9 +164,7 @@ class StreamEngine:
     def _make_resident(self, index: int) -> None:
         layer = self.layers[index]
         pack = self.packs[index]
-        if "forward" in layer.__dict__:
-            # drop the instance attribute: the class forward applies again
-            del layer.forward
+        _unwrap_forward(layer)
         if pack.decoded_nbytes and self.device.type == "cuda":
             # compressed on the GPU, decoded per use like a streamed layer, without the copy
             unbind(pack, self.device)
@@ -279,8 +277,7 @@ class StreamEngine:
         self._stop_streaming()
         for index, pack in self.packs.items():
             layer = self.layers[index]
-            if "forward" in layer.__dict__:
-                del layer.forward
+            _unwrap_forward(layer)
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = self.gradient_checkpointing
             materialize(pack, target, own=True)
@@ -299,3 +296,20 @@ class StreamEngine:
         self.compressed_resident.clear()
         self.workspace = None
         self.streamed = []
+
+
+def _unwrap_forward(layer: torch.nn.Module) -> None:
+    """Drop the engine's :class:`StreamedLayer` from ``layer``; a forward bound before placement stays.
+
+    Problem: deleting the instance ``forward`` also deleted the compiled forward that ``train.compile_layers``
+    binds before placement, so resident layers silently ran eagerly. Solution: put back what the wrapper wrapped,
+    unless that is the class forward (then the attribute goes and the class forward applies again).
+    """
+    wrapper = layer.__dict__.get("forward")
+    if not isinstance(wrapper, StreamedLayer):
+        return
+    if getattr(wrapper.forward, "__func__", None) is type(layer).forward:
+        del layer.forward
+    else:
+        layer.forward = wrapper.forward
+
