@@ -115,6 +115,29 @@ def test_step_time_is_per_pass_max_and_names_the_limit():
     assert fast.timing["host_seconds"] == 0
 
 
+def test_compiled_layers_are_the_default_cost_model_and_issue_faster():
+    assert timing.cost_model("auto", None) == timing.cost_model("auto", True) == "compiled"
+    assert timing.cost_model("auto", False) == "fast" and timing.cost_model("eager", True) == "eager"
+    assert timing.kernel_costs("auto") is timing.KERNEL_COSTS["compiled"]
+    compiled = _plan(stream="all", gpu_budget_bytes=80 * GIB)
+    uncompiled = _plan(stream="all", gpu_budget_bytes=80 * GIB, kernels="fast")
+    assert compiled.timing["host_seconds"] < uncompiled.timing["host_seconds"]
+    assert compiled.step_seconds <= uncompiled.step_seconds  # (this one waits on the copies either way)
+    assert compiled.gpu_peak_bytes == uncompiled.gpu_peak_bytes  # the same tensors live
+
+
+def test_a_run_without_compiled_layers_is_planned_as_one():
+    from streamtune.config import from_dict
+    from streamtune.plan.planner import plan_for_run
+
+    raw = {"model": {"name": "gemma4-26b-a4b"}, "data": {"path": "x.jsonl"}, "memory": {"gpu_budget": "24GiB"},
+           "train": {"device": "cuda"}}
+    default = plan_for_run(from_dict(raw), link=GPU_PROFILES["h200"])
+    raw["train"]["compile_layers"] = False
+    off = plan_for_run(from_dict(raw), link=GPU_PROFILES["h200"])
+    assert off.timing["host_seconds"] > default.timing["host_seconds"]
+
+
 def test_fast_kernels_plan_less_loss_and_mask_memory():
     eager = _plan(stream="all", gpu_budget_bytes=80 * GIB, kernels="eager", tokens=8192)
     fused = _plan(stream="all", gpu_budget_bytes=80 * GIB, tokens=8192)

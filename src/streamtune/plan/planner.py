@@ -324,8 +324,9 @@ def make_plan(
         suggest: when it does not fit, re-plan with each knob changed and list the ones that fit.
         local_ranks: processes on this host (torchrun ``--nproc-per-node``); they share one host copy
             of the weights, so the host line counts it once and the runtime once per rank.
-        kernels: ``train.kernels``: ``auto`` (the fast path: fused loss, block masks, FlexAttention) or
-            ``eager`` (the stock HF path); memory and step time follow it.
+        kernels: ``train.kernels``: ``auto`` (the fast path: fused loss, block masks, FlexAttention, compiled
+            layers) or ``eager`` (the stock HF path); or a cost model of ``plan.timing.KERNEL_COSTS``
+            (``fast``: the fast path without compiled layers); memory and step time follow it.
 
     Returns:
         The :class:`Plan`; call ``plan.check()`` to refuse a run that would not fit.
@@ -414,5 +415,5 @@ def plan_for_run(cfg: Any, link: LinkProfile | None = None, gpu_budget_bytes: in
         gradient_checkpointing=mem.gradient_checkpointing, gpu_budget_bytes=gpu_budget,
         host_budget_bytes=host_budget, stream=mem.stream, ring_slots=mem.ring_slots,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens, link=link, trust_remote_code=cfg.model.trust_remote_code,
-        local_ranks=local_ranks, kernels=cfg.train.kernels,
+        local_ranks=local_ranks, kernels=timing.cost_model(cfg.train.kernels, cfg.train.compile_layers),
     )

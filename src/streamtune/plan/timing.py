@@ -87,18 +87,37 @@ class KernelCosts:
 # - the host issued the 2048-token step in 0.674 s (0.682 s on another H200 host): 7.5 ms per layer pass.
 # In sample: 0.675 / 1.084 s predicted, 0.674 / 1.051 s measured; out of sample, one GPU of the data-parallel
 # benchmark (4 micro-batches of 2048): 2.70 s predicted, 2.65 s measured.
+# compiled: the fast path with each decoder layer's forward compiled (``train.compile_layers``, on by default on
+# CUDA sm80+). Fitted the same way to benchmarks/profile_step.py (session 8:
+# benchmarks/results/profile_step-NVIDIA_H200-auto-compiled-20261130-170800.json): attention and GEMMs as above
+# (39.9 / 336.1 and 115.7 / 318.7 ms); the other kernels 66.6 / 198.2 ms at 2048 / 8192 tokens (0.25 ms per
+# pass plus 0.238 us per token and pass: Inductor fuses the norms, casts and residuals); the host 0.339 s for
+# the 2048-token step in that run and 0.31-0.43 s per step in two `streamtune bench` runs on the same card
+# (steps of a host-bound step vary by +-15 % there): 4.0 ms per layer pass.
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
     "fast": KernelCosts(attention_efficiency=0.21, gpu_s_per_layer_pass=0.00031, elementwise_s_per_token=0.441e-6,
                         cpu_s_per_layer_pass=0.0075, expert_half_rows=128.0),
+    "compiled": KernelCosts(attention_efficiency=0.21, gpu_s_per_layer_pass=0.00025,
+                            elementwise_s_per_token=0.238e-6, cpu_s_per_layer_pass=0.0040, expert_half_rows=128.0),
 }
 # memory speed of the card the fast costs were fitted on (the named h200 profile): elementwise time scales by it
 CALIBRATION_HBM_GBPS = 3600.0
 
 
+def cost_model(kernels: str, compile_layers: bool | None = None) -> str:
+    """The :data:`KERNEL_COSTS` key of a run's ``train.kernels`` and ``train.compile_layers``.
+
+    ``auto`` compiles the layers unless ``compile_layers`` is false (its default on the GPUs plans are made for).
+    """
+    if kernels == "eager":
+        return "eager"
+    return "fast" if compile_layers is False else "compiled"
+
+
 def kernel_costs(kernels: str) -> KernelCosts:
-    """The costs of ``train.kernels``: ``eager``, or the fast path (``auto``/``fast``)."""
-    return KERNEL_COSTS["eager" if kernels == "eager" else "fast"]
+    """The costs of ``kernels``: a :data:`KERNEL_COSTS` key, or ``train.kernels`` (``auto``: compiled layers)."""
+    return KERNEL_COSTS.get(kernels) or KERNEL_COSTS[cost_model(kernels)]
 
 
 def attention_flops(layer: LayerSize, tokens: int, efficiency: float = ATTENTION_EFFICIENCY) -> float:

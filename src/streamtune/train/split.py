@@ -51,6 +51,7 @@ def plan_split_on_devices(cfg: Any, devices: list[Any]) -> dict[str, Any]:
     from streamtune.config import parse_bytes, parse_layer_split
     from streamtune.devices import detect_link_profile
     from streamtune.plan.multi_gpu import plan_split
+    from streamtune.plan.timing import cost_model
 
     mem = cfg.memory
     totals = [torch.cuda.mem_get_info(d) for d in devices]
@@ -61,7 +62,7 @@ def plan_split_on_devices(cfg: Any, devices: list[Any]) -> dict[str, Any]:
         lora_rank=cfg.lora.rank, lora_targets=cfg.lora.targets, lora_target_parameters=list(cfg.lora.target_parameters),
         gradient_checkpointing=mem.gradient_checkpointing, stream=mem.stream, ring_slots=mem.ring_slots,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens, trust_remote_code=cfg.model.trust_remote_code,
-        kernels=cfg.train.kernels)
+        kernels=cost_model(cfg.train.kernels, cfg.train.compile_layers))
     if mem.gpu_budgets:
         for device, budget, (_, total) in zip(devices, budgets, totals):
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
