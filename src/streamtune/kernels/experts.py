@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from streamtune.kernels.binding import unbind_forwards
 from streamtune.kernels.compiling import is_compile_failure
 from streamtune.kernels.counters import count
 
@@ -366,17 +367,9 @@ def use_fast_experts(model: Any, route_name: str) -> int:
     return patched
 
 
-def _unbind_forwards(model: Any, flag: str) -> None:
-    """Drop the forward bound on every module marked with ``flag`` (its class forward again) and clear the mark."""
-    for module in model.modules():
-        if getattr(module, flag, None):
-            del module.forward
-            setattr(module, flag, None)
-
-
 def restore_stock_experts(model: Any) -> None:
     """Undo :func:`use_fast_experts` (transformers' experts forward again, PEFT's combine for wrapped ones)."""
-    _unbind_forwards(model, _PLAIN_FLAG)
+    unbind_forwards(model.modules(), _PLAIN_FLAG)
     for module in model.modules():
         if getattr(module, _COMBINE_FLAG, False):
             setattr(module, _COMBINE_FLAG, False)
@@ -415,4 +408,4 @@ def use_fast_expert_lora(model: Any, route_name: str) -> int:
 
 def restore_stock_expert_lora(model: Any) -> None:
     """Undo :func:`use_fast_expert_lora` (PEFT's ``ParamWrapper`` forward again)."""
-    _unbind_forwards(model, _PATCH_FLAG)
+    unbind_forwards(model.modules(), _PATCH_FLAG)

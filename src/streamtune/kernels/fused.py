@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from streamtune.kernels.binding import unbind_forwards
 from streamtune.kernels.compiling import is_compile_failure
 from streamtune.kernels.counters import count
 
@@ -229,8 +230,4 @@ def _plain_gated_mlp(module: Any, name: str) -> bool:
 
 def restore_stock_norms_and_activation(model: Any) -> None:
     """Undo :func:`use_fused_norms` and :func:`use_fused_activation`."""
-    for module in model.modules():
-        for flag in (_NORM_FLAG, _ACT_FLAG):
-            if getattr(module, flag, False):
-                del module.forward
-                setattr(module, flag, False)
+    unbind_forwards(model.modules(), _NORM_FLAG, _ACT_FLAG)

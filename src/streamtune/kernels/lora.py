@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from streamtune.kernels.binding import unbind_forwards
 from streamtune.kernels.counters import count
 
 _PATCH_FLAG = "_streamtune_compute_dtype_lora"
@@ -112,8 +113,4 @@ def use_compute_dtype_lora(model: Any) -> int:
 
 def restore_stock_lora(model: Any) -> None:
     """Undo :func:`use_compute_dtype_lora` (PEFT's own forward again)."""
-    for module in model.modules():
-        if getattr(module, _PATCH_FLAG, False):
-            del module.forward
-            module.__dict__.pop(_CAST_CACHE, None)
-            setattr(module, _PATCH_FLAG, False)
+    unbind_forwards(model.modules(), _PATCH_FLAG, drop=(_CAST_CACHE,))

@@ -21,6 +21,7 @@ import types
 import warnings
 from typing import Any
 
+from streamtune.kernels.binding import unbind_forwards
 from streamtune.kernels.compiling import is_compile_failure
 from streamtune.kernels.counters import count
 
@@ -100,7 +101,4 @@ def compile_layers(layers: Any) -> int:
 
 def restore_layers(layers: Any) -> None:
     """Undo :func:`compile_layers`."""
-    for layer in layers:
-        if getattr(layer, _FLAG, False):
-            del layer.forward
-            setattr(layer, _FLAG, False)
+    unbind_forwards(layers, _FLAG)
