@@ -238,3 +238,25 @@ def test_close_leaves_the_class_forward_of_layers_without_one_of_their_own():
     engine = StreamEngine(model, "cpu", streamed=[0, 1])
     engine.close()
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
+
+
+def test_compiled_layers_with_dropout_recompute_the_forwards_masks():
+    """``train.compile_layers`` (on by default on CUDA): Inductor draws its own dropout masks; the streamed and the
+    HF checkpoints restore the RNG before they recompute, so the gradients are those of the forward that ran
+    (reference: the same compiled layers without any checkpoint)."""
+    from streamtune.kernels import calls, reset
+    from streamtune.kernels.regional import compile_layers
+
+    model, _ = lora_model("tiny-llama", dropout=0.3)
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        compile_layers(decoder_layers(m))
+    data = batches(2, seed=2)
+    StreamEngine(reference, "cpu", streamed=[], gradient_checkpointing=False)
+    torch.manual_seed(123)
+    expected = train_steps(reference, data, grad_accum=1)
+    StreamEngine(model, "cpu", streamed=[0, 2], num_slots=2, prefetch=1)  # layer 1: resident, HF checkpoint
+    reset()
+    torch.manual_seed(123)
+    assert_same(expected, train_steps(model, data, grad_accum=1), atol=1e-4)
+    assert calls("compiled_layer") >= 3 * len(decoder_layers(model))  # each layer's forward and recompute
