@@ -38,6 +38,7 @@ def test_summary_before_the_first_step(tmp_path, run_dict, capsys):
     assert re.search(r"LoRA r=4: self_attn\.q_proj 4 layers \(sizes differ\) = [\d,]+; mlp\.down_proj 4 layers x 640 = "
                      r"2,560; total [\d,]+ trainable", summary)
     assert "placement: 0 resident, 4 streamed decoder layers (codec bf16, ring 2 slots, prefetch 1); streamed: 0-3" in summary
+    assert "kernels: auto (fused loss)" in summary and "compiled" not in summary  # the CPU: no layer compile
     assert len(read_metrics(tmp_path / "run")) == 2
 
 
@@ -65,3 +66,16 @@ def test_summary_shows_the_plan_on_a_gpu(tmp_path, run_dict, capsys):
     assert code == 0, err
     assert re.search(r"placement: 0 resident, 4 streamed decoder layers \(codec int8, .*; plan: GPU peak [\d.]+ (MiB|GiB) "
                      r"of [\d.]+ (MiB|GiB), [\d.]+ s per micro-batch", err), err
+
+
+def test_kernels_line_names_the_pieces_and_the_first_steps_compile():
+    from streamtune.kernels import select_kernels
+    from streamtune.train.summary import kernels_line
+
+    h200 = select_kernels("auto", "cuda", "bfloat16", (9, 0))
+    line = kernels_line(h200, {"compiled_layers": 30})
+    assert line.startswith("kernels: auto (FlexAttention, fused loss, LoRA in the compute dtype, fused norms and "
+                           "activations, routed experts); 30 decoder layers compiled"), line
+    assert "first step also compiles" in line
+    assert kernels_line(select_kernels("eager", "cuda", "bfloat16", (9, 0))) == "kernels: eager (the stock HF/PEFT path)"
+    assert kernels_line(None) is None

@@ -149,7 +149,8 @@ class Recipe:
         if self.dist.is_main:
             from streamtune.train.summary import print_summary
 
-            print_summary(cfg, self.data_stats, self.model, self.placement, self.plan, self.start_step)
+            print_summary(cfg, self.data_stats, self.model, self.placement, self.plan, self.start_step,
+                          kernels=self.kernels, kernels_applied=self.kernels_applied)
         self.logger = self.dist.logger(lambda: MetricsLogger(
             self.run_dir, cfg.train.max_steps, self.start_step, cfg.output.tensorboard, cfg.output.progress,
             wandb_project=cfg.output.wandb, run_config=cfg.to_dict()))
