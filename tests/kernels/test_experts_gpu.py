@@ -68,11 +68,15 @@ def _assert_as_close_as_stock(reference, stock, fast):
         assert fast_cos[key] > stock_cos[key] - 0.1, (key, fast_cos[key], stock_cos[key])
 
 
+# The pieces' own tests: layers uncompiled (a compiled layer runs the pieces inside its graph, where nothing is
+# counted); tests/kernels/test_fast_gpu.py covers compiled layers.
+
+
 def test_bf16_auto_matches_eager_through_grouped_mm():
     model, adapter = _model()
     batch = _batch(model)
     stock = _loss_and_grads(model, adapter, batch, None)
-    choice = select_for_device("auto", torch.device("cuda"), torch.bfloat16)
+    choice = select_for_device("auto", torch.device("cuda"), torch.bfloat16, compile_layers=False)
     assert choice.expert_lora == "grouped_mm"
     assert apply_kernels(model, choice)["expert_lora_modules"] == model.config.num_hidden_layers
     reset()
@@ -83,7 +87,7 @@ def test_bf16_auto_matches_eager_through_grouped_mm():
 
 def test_grouped_route_makes_no_host_sync():
     model, _ = _model()
-    apply_kernels(model, select_for_device("auto", torch.device("cuda"), torch.bfloat16))
+    apply_kernels(model, select_for_device("auto", torch.device("cuda"), torch.bfloat16, compile_layers=False))
     experts = model.base_model.model.model.layers[0].experts
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(512, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -107,7 +111,7 @@ def test_bf16_fast_experts_match_the_stock_experts_and_make_no_host_sync():
     model, adapter = _model(targets=[])
     batch = _batch(model)
     stock = _loss_and_grads(model, adapter, batch, None)
-    choice = dataclasses.replace(select_for_device("auto", torch.device("cuda"), torch.bfloat16), fast_experts=True)
+    choice = dataclasses.replace(select_for_device("auto", torch.device("cuda"), torch.bfloat16, compile_layers=False), fast_experts=True)
     assert apply_kernels(model, choice)["fast_experts_modules"] == model.config.num_hidden_layers
     _loss_and_grads(model, adapter, batch, choice)  # warm-up: compiles the combine
     reset()
