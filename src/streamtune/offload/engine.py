@@ -312,4 +312,3 @@ def _unwrap_forward(layer: torch.nn.Module) -> None:
         del layer.forward
     else:
         layer.forward = wrapper.forward
-
