@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
     p.add_argument("--ring-slots", type=int, default=2, help="GPU ring slots for streamed layers")
     p.add_argument("--loss-chunk-tokens", type=int, default=1024, help="tokens per LM-head loss chunk")
     p.add_argument("--kernels", default="auto", choices=("auto", "eager"),
-                   help="train.kernels: auto (fast path: fused loss, FlexAttention) or eager (stock HF)")
+                   help="train.kernels: auto (fast path: fused loss, FlexAttention, compiled layers) or eager (stock HF)")
     p.add_argument("--gpu", metavar="NAME[,NAME]",
                    help=f"named speed profile instead of the measured one ({', '.join(sorted(GPU_PROFILES))}); two "
                         f"names (e.g. rtx4090,rtx-pro-2000) compare data parallel with a layer split over both GPUs")
