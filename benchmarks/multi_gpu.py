@@ -54,6 +54,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caps", default="24,16", help="GiB caps of GPU 0 and 1 in the caps mode")
     p.add_argument("--modes", default="dp1,dp2,caps")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the script (gloo)")
+    p.add_argument("--stream", default="auto", choices=["auto", "all", "none"],
+                   help="memory.stream (all: with --device cpu, a rank's own host RAM as on a GPU, weights streamed)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
@@ -197,7 +199,7 @@ def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, to
         "model": {"name": args.model, "tokenizer": str(tokenizer_dir)},
         "data": {"path": str(DATA), "format": "alpaca", "seq_len": args.seq_len, "pack": True},
         "lora": {"rank": 16, "alpha": 32},
-        "memory": {"codec": args.codec},
+        "memory": {"codec": args.codec, "stream": args.stream},
         "train": {"max_steps": args.steps, "lr": 1e-4, "warmup_steps": 1, "batch_size": 1, "grad_accum": grad_accum,
                   "device": args.device, "save_every": 0},
         "output": {"dir": str(root / name), "progress": True},
