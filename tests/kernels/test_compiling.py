@@ -83,3 +83,26 @@ def test_checkpoint_early_stop_is_not_a_compile_failure():
 
     assert not compiling.is_compile_failure(_StopRecomputationError())
     assert compiling.is_compile_failure(RuntimeError("Triton lowering failed"))
+
+
+def test_a_compiled_piece_lets_checkpoint_early_stop_through(monkeypatch):
+    """Non-reentrant checkpointing ends its recompute by raising from the last saved tensor's hook, here inside the
+    compiled norm: the piece's fallback caught that, marked itself broken and re-ran eagerly, which the checkpoint
+    refused ("target_frame.early_stop is set"; H200, compiled layers)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from streamtune.kernels import fused
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(fused, "_STATE", {"compiled": {}, "broken": False})
+    monkeypatch.setattr(compiling, "compile_fn", lambda fn, dynamic: torch.compile(fn, backend="aot_eager"))
+    weight = torch.randn(16)
+
+    def block(x):
+        return fused.run_fused("rms_norm_scaled", x * 2, weight, 1e-6, 1.0)  # the norm saves the last tensors
+
+    x = torch.randn(4, 16, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).square().sum().backward()
+    expected = torch.autograd.grad(rms_norm_scaled(x * 2, weight, 1e-6, 1.0).square().sum(), x)[0]
+    assert not fused._STATE["broken"]
+    torch.testing.assert_close(x.grad, expected)
