@@ -87,6 +87,7 @@ def measure(step: Any, args: argparse.Namespace) -> dict[str, Any]:
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     times, issue = [], []
     for _ in range(args.steps):
         torch.cuda.synchronize()
@@ -96,7 +97,9 @@ def measure(step: Any, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     result = {"step_s": sorted(times)[len(times) // 2], "issue_s": sorted(issue)[len(issue) // 2],
-              "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+              "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "step_times_s": times,
+              # each retry frees the allocator's cache after a device-wide sync (near the cap)
+              "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()

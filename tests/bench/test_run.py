@@ -51,3 +51,13 @@ def test_planner_errors_against_the_measured_step_and_tensor_peak():
     row = _row("streamtune", 2048, 0.5, h2d_bytes=0.0)  # 1 GiB measured peak
     row["extra"].update(predicted_step_s=0.55, predicted_tensor_peak_bytes=0.95 * (1 << 30))
     assert "planner error: step +10%, tensor peak -5%" in format_report({"link": {}, "results": [row]})
+
+
+def test_note_gives_the_step_spread_and_allocator_retries():
+    row = _row("streamtune", 2048, 0.378)
+    row["extra"] = {"num_streamed": 9, "step_times_s": [27.7, 0.364, 0.386, 0.412, 0.333, 0.314, 0.378],
+                    "alloc_retries": 3}
+    line = format_report({"link": {}, "results": [row]}).splitlines()[1]
+    assert line.endswith("streamed 9, steps 0.314-0.412 s, 3 allocator retries"), line
+    row["extra"] = {"num_streamed": 9, "alloc_retries": 0}
+    assert format_report({"link": {}, "results": [row]}).splitlines()[1].endswith("streamed 9")

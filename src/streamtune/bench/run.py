@@ -135,9 +135,22 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_fmt(r.get('h2d_gbps'), '.1f'):>8} {_fmt(r.get('h2d_bytes'), '.1f', 1e9):>7} "
             f"{_fmt(r.get('copy_wait_s'), '.3f'):>6} {_fmt(extra.get('predicted_step_s'), '.3f'):>6} "
             f"{_fmt(extra.get('predicted_gpu_peak_bytes'), '.2f', gib):>8}  "
-            f"{r.get('error') or (('streamed ' + str(extra['num_streamed'])) if 'num_streamed' in extra else '')}")
+            f"{r.get('error') or _note(extra)}")
     rows += _ratios(report)
     return "\n".join(rows)
+
+
+def _note(extra: dict[str, Any]) -> str:
+    """Streamed layers, the timed steps' spread, and allocator retries (each one a device-wide sync)."""
+    parts = [f"streamed {extra['num_streamed']}"] if "num_streamed" in extra else []
+    from streamtune.bench.common import WARMUP_STEPS
+
+    timed = extra.get("step_times_s", [])[WARMUP_STEPS:]
+    if len(timed) > 1:
+        parts.append(f"steps {min(timed):.3f}-{max(timed):.3f} s")
+    if extra.get("alloc_retries"):
+        parts.append(f"{extra['alloc_retries']} allocator retries")
+    return ", ".join(parts)
 
 
 def _ratios(report: dict[str, Any]) -> list[str]:

@@ -55,9 +55,13 @@ def _run_lengths(name: str, tokens_list: list[int], num_steps: int, step_for: An
         try:
             extra = before(tokens) if before else {}
             torch.cuda.reset_peak_memory_stats()
+            retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
             step_s, loss, times = timed_steps(step_for(tokens), num_steps)
             result.step_s, result.tok_s, result.loss = step_s, tokens / step_s, loss
             result.extra["step_times_s"] = [round(t, 4) for t in times]
+            # near the cap the caching allocator frees its cache and retries (a device-wide sync each time)
+            result.extra["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
+            result.extra["gpu_reserved_peak_bytes"] = torch.cuda.max_memory_reserved()
             result.gpu_peak_bytes = torch.cuda.max_memory_allocated()
             result.extra.update(extra or {})
             result.extra.update(after(tokens) if after else {})
