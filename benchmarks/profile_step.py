@@ -301,7 +301,8 @@ def table(points: list[dict], applied: dict) -> str:
     rows += [[f"{c} ms"] + [f"{p['category_ms'].get(c, 0):.1f}" for p in points] for c in cats]
     rows += [["kernel ms"] + [f"{p['kernel_ms']:.1f}" for p in points],
              ["launches"] + [str(p["launches"]) for p in points],
-             ["host syncs"] + [str(sum(n for n, _ in p["sync_sites"])) for p in points]]
+             ["host syncs"] + [str(sum(n for n, _ in p["sync_sites"])) for p in points],
+             ["allocator retries"] + [str(p.get("alloc_retries", "-")) for p in points]]
     lines = [f"kernels: {applied}"] + ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
