@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -221,3 +223,12 @@ def test_compile_layers_needs_the_fast_path(tmp_path):
     with pytest.raises(ConfigError) as exc_info:
         config.load(path, ["train.compile_layers=true", "train.kernels=eager"])
     assert "train.compile_layers" in _problems(exc_info) and "train.kernels=auto" in _problems(exc_info)
+
+
+def test_an_optional_switch_takes_auto_and_a_wrong_value_names_the_choices():
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny-gemma4.yaml"
+    assert config.load(example, ["train.compile_layers=auto"]).train.compile_layers is None
+    with pytest.raises(ConfigError, match=r"train\.compile_layers: 'sometimes' is not true, false or auto"):
+        config.load(example, ["train.compile_layers=sometimes"])
+    with pytest.raises(ConfigError, match=r"output\.progress: 'sometimes' is not true or false"):
+        config.load(example, ["output.progress=sometimes"])

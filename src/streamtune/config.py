@@ -179,6 +179,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, problems: list[str]) -> 
         value = [v.strip() for v in value.split(",") if v.strip()]
     try:
         if kind.startswith("bool"):
+            if isinstance(value, str) and "None" in kind and value.lower() == "auto":
+                return None  # an optional switch's default: decided where it runs
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
@@ -212,7 +214,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, problems: list[str]) -> 
             raise ValueError
         return str(value)
     except (TypeError, ValueError):
-        problems.append(f"{key}: {value!r} is not a valid {kind}")
+        allowed = {"bool": "true or false", "bool | None": "true, false or auto (empty)"}.get(kind, f"a valid {kind}")
+        problems.append(f"{key}: {value!r} is not {allowed}")
         return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
