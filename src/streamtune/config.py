@@ -113,7 +113,7 @@ class TrainConfig:
                       "fused RMSNorm and gated activation on CUDA, routed MoE experts on CUDA sm80+); eager: the "
                       "stock HF/PEFT path.")
     compile_layers: bool | None = _f(None, "Compile each decoder layer's forward (torch.compile, shared by all "
-                                     "layers; needs train.kernels=auto). Default (empty): on for CUDA sm80+ "
+                                     "layers; needs train.kernels=auto). Default (empty or auto): on for CUDA sm80+ "
                                      "(measured on an H200, 26B preset, int8, 2048 tokens: 0.61 -> 0.34 s per "
                                      "step; the first step also compiles, 28 s there with a warm compile cache), "
                                      "off on the CPU (compiling there takes minutes); true/false force it.")
