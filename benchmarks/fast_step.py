@@ -308,7 +308,8 @@ def piece_model_fp32(args: argparse.Namespace, model: Any, adapter: Any) -> dict
     for name, pieces in (("lora+loss", (True, True, False)), ("fast", (True, True, True))):
         _set_variant(model, None)
         kernels = dataclasses.replace(choice, lora_compute_dtype=pieces[0], fused_linear_ce=pieces[1],
-                                      flex_attention=pieces[2], flex_options={512: FP32_FLEX_OPTIONS})
+                                      flex_attention=pieces[2], flex_options={512: FP32_FLEX_OPTIONS},
+                                      compile_layers=False)  # only the pieces named; compiled layers are on by default
         apply_kernels(model, kernels)
         try:
             run = _model_run(args, model, adapter, batch, kernels, False)

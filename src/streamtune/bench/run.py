@@ -142,9 +142,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _note(extra: dict[str, Any]) -> str:
     """Streamed layers, the timed steps' spread, and allocator retries (each one a device-wide sync)."""
-    parts = [f"streamed {extra['num_streamed']}"] if "num_streamed" in extra else []
     from streamtune.bench.common import WARMUP_STEPS
 
+    parts = [f"streamed {extra['num_streamed']}"] if "num_streamed" in extra else []
     timed = extra.get("step_times_s", [])[WARMUP_STEPS:]
     if len(timed) > 1:
         parts.append(f"steps {min(timed):.3f}-{max(timed):.3f} s")
