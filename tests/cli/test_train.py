@@ -159,6 +159,12 @@ def test_bad_config_keys_all_reported(write_config, capsys):
     assert not run.exists()
 
 
+def test_a_wrong_switch_value_names_the_values_allowed(write_config, capsys):
+    code, err, run = _bad(write_config, capsys, "train.compile_layers=sometimes")
+    assert code == 2 and "train.compile_layers: 'sometimes' is not true, false or auto (empty)" in err
+    assert not run.exists()
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert main(["train", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
