@@ -4,7 +4,8 @@ One layer's attention (16 query heads, 2 kv heads, head_dim 512, causal, bf16) a
 forward + backward, for each option set below and for SDPA (memory-efficient and cuDNN where they run).
 Each option set is checked against an fp32 SDPA reference (max abs error of the output and of dq) and
 timed (median of ``--repeats`` after a compiling warm-up). An option set that fails to compile (e.g. too much
-shared memory) is reported with its error. The table is printed last; ``--out`` writes the JSON.
+shared memory) is reported with its error. ``--wide`` adds streamtune's row-chunked GEMM attention at the given
+chunk sizes. The table is printed last; ``--out`` writes the JSON.
 
     python benchmarks/flex_sweep.py --tokens 8192 --out $OUT
 """
@@ -74,6 +75,8 @@ def _args() -> argparse.Namespace:
                    "its head_dim-256 layers (use --head-dim 256 --kv-heads 8)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sets", default=",".join(OPTION_SETS))
+    p.add_argument("--wide", default="", help="comma-separated Mi fp32 scores per chunk of the row-chunked GEMM "
+                   "attention (streamtune.kernels.wide_attention) to time, e.g. 32,64,128")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -156,7 +159,11 @@ def main() -> int:
             with sdpa_kernel([getattr(SDPBackend, backend)]):
                 return sdpa(q, k, v)
         run_variant(f"sdpa_{backend.lower()}", sdpa_forward)
-    for name in args.sets.split(","):
+    from streamtune.kernels.wide_attention import wide_attention
+
+    for mebi in [int(x) for x in args.wide.split(",") if x]:
+        run_variant(f"wide_gemm_{mebi}Mi", lambda mebi=mebi: wide_attention(q, k, v, mask_mod, scale, mebi * 2**20))
+    for name in [n for n in args.sets.split(",") if n]:
         options = OPTION_SETS[name]
         run_variant(f"flex_{name}", lambda options=options: compiled(q, k, v, block_mask=block_mask, scale=scale,
                                                                      enable_gqa=True, kernel_options=options))

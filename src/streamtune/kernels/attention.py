@@ -22,6 +22,8 @@ FLEX_NAME = "streamtune_flex"
 _STATE: dict[str, Any] = {"choice": None, "compiled": None, "broken": False}
 # One default FlexAttention mask block: shorter queries go to SDPA with a dense mask (see dense_attention).
 MIN_FLEX_QUERY_TOKENS = 128
+# Heads wider than this go to the row-chunked GEMM attention at long sequences (see select.py's measurements).
+WIDE_HEAD_DIM = 256
 
 
 def _flex_kernel(device_type: str) -> Any:
@@ -56,17 +58,32 @@ def flex_attention_forward(module: Any, query: Any, key: Any, value: Any, attent
                          "use train.kernels=eager for this model")
     if attention_mask is not None and not isinstance(attention_mask, BlockMask):
         raise ValueError(f"streamtune FlexAttention needs a BlockMask, got {type(attention_mask).__name__}")
+    count("flex_attention")
+    if _use_wide(module, query, key):
+        from streamtune.kernels.wide_attention import wide_attention
+
+        mask_mod = attention_mask.mask_mod if attention_mask is not None else None
+        return wide_attention(query, key, value, mask_mod, scaling).transpose(1, 2).contiguous(), None
     heads, kv_heads = query.shape[1], key.shape[1]
     enable_gqa = heads != kv_heads
     if enable_gqa and heads & (heads - 1):  # the GQA kernels need a power-of-two head count
         key, value = _repeat_kv(key, heads // kv_heads), _repeat_kv(value, heads // kv_heads)
         enable_gqa = False
-    count("flex_attention")
     if query.shape[2] < MIN_FLEX_QUERY_TOKENS or _STATE["broken"]:
         out = dense_attention(query, key, value, attention_mask, scaling, enable_gqa)
     else:
         out = _flex_or_dense(query, key, value, attention_mask, scaling, enable_gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _use_wide(module: Any, query: Any, key: Any) -> bool:
+    """Whether this call goes to :func:`streamtune.kernels.wide_attention.wide_attention`: a head wider than
+    FlexAttention serves well, a sequence of at least the choice's ``wide_attention_min_tokens``, a causal module
+    and no KV cache."""
+    choice = _STATE["choice"]
+    min_tokens = getattr(choice, "wide_attention_min_tokens", None)
+    return (min_tokens is not None and query.shape[-1] > WIDE_HEAD_DIM and query.shape[2] >= min_tokens
+            and query.shape[2] == key.shape[2] and getattr(module, "is_causal", True))
 
 
 def _flex_or_dense(query: Any, key: Any, value: Any, block_mask: Any, scaling: float | None, enable_gqa: bool) -> Any:

@@ -19,6 +19,8 @@ where it applies and falls back to the stock path where it does not:
   needs a C++ compiler and minutes of compiling for no speed-up; tests force it on).
 - Experts without LoRA through streamtune's routed forward (``fast_experts``): CUDA sm80+, where the
   ``grouped_mm`` route runs (the ``loop`` route reads offsets on the host once per product).
+- Row-chunked GEMM attention for heads wider than 256 (:mod:`.wide_attention`): CUDA sm80+ (where the
+  FlexAttention path runs), at ``WIDE_ATTENTION_MIN_TOKENS`` tokens or more.
 - Regional compile of whole decoder layers (:mod:`.regional`, ``train.compile_layers``): CUDA sm80+ unless
   turned off (measured on the H200, 26B preset, int8, 24 GiB cap: 2048 tokens 0.61 -> 0.34 s per step,
   8192 tokens 1.03 -> 0.92 s; the layers' Python ran once per call, it is now one compiled call per
@@ -41,6 +43,8 @@ _LARGE_SMEM_CAPABILITIES = ((9, 0), (10, 0))
 #   82.0 ms for memory-efficient SDPA.
 # - head_dim 256 (16 q / 8 kv heads, window 1024): 128 x 64 forward tiles, two stages, eight warps: 2.8 ms,
 #   against 3.4 ms with Triton's defaults.
+# Heads wider than 256 at this many tokens or more: row-chunked GEMM attention (see wide_attention.py).
+WIDE_ATTENTION_MIN_TOKENS = 4096
 _HEAD_DIM_512_OPTIONS_SM90 = {
     "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32,
     "num_stages": 2, "num_warps": 8,
@@ -74,6 +78,8 @@ class KernelChoice:
         fast_experts: experts modules without LoRA through streamtune's routed forward, and every experts
             module's routing-weighted sum as one compiled kernel (CUDA sm80+; measured on the H200, 26B preset,
             8192 tokens: 1.26 -> 1.11 s per step).
+        wide_attention_min_tokens: heads wider than 256 at this many tokens or more go to the row-chunked GEMM
+            attention (:mod:`.wide_attention`) instead of FlexAttention; None: never.
     """
 
     mode: str = "eager"
@@ -89,6 +95,7 @@ class KernelChoice:
     fused_norm_act: bool = False
     compile_layers: bool = False
     fast_experts: bool = False
+    wide_attention_min_tokens: int | None = None
 
     def kernel_options(self, head_dim: int) -> dict[str, int] | None:
         """FlexAttention ``kernel_options`` for a layer of ``head_dim`` (None: Triton's defaults)."""
@@ -106,7 +113,7 @@ class KernelChoice:
             "compile_loss": self.compile_loss, "flex_attention": self.flex_attention, "grouped_mm": self.grouped_mm,
             "expert_lora": self.expert_lora,
             "fused_norm_act": self.fused_norm_act, "compile_layers": self.compile_layers,
-            "fast_experts": self.fast_experts,
+            "fast_experts": self.fast_experts, "wide_attention_min_tokens": self.wide_attention_min_tokens,
         }
 
 
@@ -160,6 +167,7 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
         grouped_mm=capability in _LARGE_SMEM_CAPABILITIES, flex_options=flex_options_for(capability) if sm80 else {},
         expert_lora="grouped_mm" if sm80 else "loop",
         fused_norm_act=True, compile_layers=sm80 if compile_layers is None else compile_layers, fast_experts=sm80,
+        wide_attention_min_tokens=WIDE_ATTENTION_MIN_TOKENS if sm80 else None,
     )
 
 
