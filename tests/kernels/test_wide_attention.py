@@ -100,10 +100,10 @@ def test_a_mask_function_written_for_vmap_only_is_evaluated_through_create_mask(
 
 
 def test_chunks_are_bounded_by_the_score_limit_and_the_workspace_follows():
-    assert chunk_rows(16, 8192, 64 * 2**20) == 512
+    assert chunk_rows(16, 8192, 128 * 2**20) == 1024
     assert chunk_rows(16, 2048, 64 * 2**20) == 2048
     assert chunk_rows(16, 10**6, 64 * 2**20) == 16  # never fewer than 16 rows
-    assert workspace_bytes(16, 8192) > workspace_bytes(16, 2048) > 0
+    assert workspace_bytes(16, 2, 8192, 512) > workspace_bytes(16, 2, 2048, 512) > 0
 
 
 def test_mismatched_lengths_and_head_counts_are_refused():

@@ -143,7 +143,25 @@ def test_fast_kernels_plan_less_loss_and_mask_memory():
     fused = _plan(stream="all", gpu_budget_bytes=80 * GIB, tokens=8192)
     assert fused.gpu_bytes["activations_masks"] == 0 < eager.gpu_bytes["activations_masks"]
     assert fused.gpu_peak_bytes < eager.gpu_peak_bytes
-    assert fused.gpu_bytes["activations_recompute"] < eager.gpu_bytes["activations_recompute"]  # the fast experts
+    # the fast experts keep less; at 8192 tokens the wide-head attention's chunk workspace outweighs that
+    short_eager = _plan(stream="all", gpu_budget_bytes=80 * GIB, kernels="eager", tokens=2048)
+    short_fused = _plan(stream="all", gpu_budget_bytes=80 * GIB, tokens=2048)
+    assert short_fused.gpu_bytes["activations_recompute"] < short_eager.gpu_bytes["activations_recompute"]
+    assert fused.gpu_bytes["activations_recompute"] > eager.gpu_bytes["activations_recompute"]
+
+
+def test_the_wide_attention_workspace_counts_for_wide_heads_at_long_sequences_only():
+    from streamtune.plan import memory
+    from streamtune.plan.planner import _meta, _targets
+    from streamtune.plan.sizing import size_model
+
+    name, config, meta = _meta("gemma4-26b-a4b", False)
+    model = size_model(config, "int8", 16, _targets(config, None), [], model=meta, name=name)
+    wide = [layer for layer in model.layers if layer.shape.q_width // layer.shape.num_heads > 256]
+    narrow = [layer for layer in model.layers if layer.shape.q_width // layer.shape.num_heads <= 256]
+    assert wide and narrow
+    assert memory.wide_attention_bytes(wide[0], 8192) > 2**30
+    assert memory.wide_attention_bytes(wide[0], 2048) == 0 == memory.wide_attention_bytes(narrow[0], 8192)
 
 
 def test_the_fused_loss_and_the_layer_recompute_are_not_live_together():

@@ -11,7 +11,7 @@ rescaling, the exact row maximum and log-sum-exp. The query heads that share one
 of one GEMM, so keys and values are never repeated for GQA. The forward keeps only the output and the
 log-sum-exp (as flash attention does); the backward recomputes each chunk's scores and back-propagates through
 them with five GEMMs. The elementwise part of a chunk (mask, softmax, the score gradient) is one compiled kernel
-on CUDA. Chunks are as tall as ``max_score_elements`` fp32 scores allow (256 MiB by default), which bounds the
+on CUDA. Chunks are as tall as ``max_score_elements`` fp32 scores allow (512 MiB by default), which bounds the
 extra GPU memory: the backward holds a chunk's scores, their gradient and two bf16 copies (see
 :func:`workspace_bytes`).
 
@@ -26,17 +26,19 @@ from typing import Any, Callable
 
 from streamtune.kernels.counters import count
 
-# fp32 scores of one chunk (all heads): 64 Mi elements = 256 MiB.
-MAX_SCORE_ELEMENTS = 64 * 2**20
+# fp32 scores of one chunk (all heads): 128 Mi elements = 512 MiB. On the H200 at 8192 tokens (16 / 2 heads,
+# head_dim 512) one layer's forward + backward took 87, 59, 31 and 18 ms with 16, 32, 64 and 128 Mi: each chunk
+# costs host time besides its GEMMs, so fewer, taller chunks win (benchmarks/results/flex_sweep-8192-d512-wide.json).
+MAX_SCORE_ELEMENTS = 128 * 2**20
 _COMPILED: dict[str, Any] = {}
 
 
-def workspace_bytes(num_heads: int, num_tokens: int, max_score_elements: int = MAX_SCORE_ELEMENTS) -> int:
-    """GPU bytes the backward holds besides its inputs and outputs: one chunk's fp32 scores and score gradient,
-    their bf16 copies, and the fp32 key and value gradient accumulators (counted at ``head_dim`` 512)."""
+def workspace_bytes(num_heads: int, num_kv_heads: int, num_tokens: int, head_dim: int,
+                    max_score_elements: int = MAX_SCORE_ELEMENTS) -> int:
+    """GPU bytes the backward holds besides its inputs and outputs: one chunk's fp32 scores and score gradient
+    with their bf16 copies (12 bytes a score), and the fp32 key and value gradient accumulators."""
     rows = chunk_rows(num_heads, num_tokens, max_score_elements)
-    scores = num_heads * rows * num_tokens
-    return scores * (4 + 4 + 2 + 2) + 2 * num_tokens * num_heads * 512 * 4
+    return num_heads * rows * num_tokens * 12 + 2 * num_kv_heads * num_tokens * head_dim * 4
 
 
 def chunk_rows(num_heads: int, num_tokens: int, max_score_elements: int = MAX_SCORE_ELEMENTS) -> int:
@@ -157,6 +159,7 @@ def _forward(ctx: Any, query: Any, key: Any, value: Any, mask_mod: Any, scale: f
         scores = _matmul(plan.stack(query, start, end), keys[:, :end].transpose(1, 2))
         probs, chunk_lse = softmax(plan.view5(scores, start, end), plan.keep(start, end, query.device), scale,
                                    value.dtype)
+        del scores
         out[:, :, start:end] = plan.unstack(torch.bmm(probs.view(flat, -1, end), values[:, :end]), start, end)
         lse[:, :, start:end] = chunk_lse.reshape(plan.batch, plan.num_heads, end - start)
     ctx.save_for_backward(query, key, value, out, lse)
@@ -188,6 +191,7 @@ def _backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
             lse[:, :, start:end].reshape(plan.batch, plan.num_kv_heads, plan.group, end - start),
             plan.view5(grad_probs, start, end), delta.view(plan.batch, plan.num_kv_heads, plan.group, -1), plan.scale,
             query.dtype)
+        del scores, grad_probs  # before the next chunk's are allocated
         probs, grad_scores = probs.view(flat, -1, end), grad_scores.view(flat, -1, end)
         grad_values[:, :end] += _matmul(probs.transpose(1, 2), grad_rows)
         grad_keys[:, :end] += _matmul(grad_scores.transpose(1, 2), rows)

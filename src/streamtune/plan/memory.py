@@ -77,8 +77,23 @@ def layer_backward_transient_bytes(layer: LayerSize, tokens: int, fused: bool = 
     s = layer.shape
     widest = max(s.hidden, s.q_width, 2 * s.dense_width, s.top_k * 2 * s.expert_ffn, s.top_k * s.hidden)
     if fused and s.num_experts:
-        return (widest + s.top_k * 2 * s.expert_ffn) * tokens * ACT_BYTES
-    return 2 * widest * tokens * ACT_BYTES
+        return max((widest + s.top_k * 2 * s.expert_ffn) * tokens * ACT_BYTES, wide_attention_bytes(layer, tokens))
+    return max(2 * widest * tokens * ACT_BYTES, wide_attention_bytes(layer, tokens) if fused else 0)
+
+
+def wide_attention_bytes(layer: LayerSize, tokens: int) -> int:
+    """The backward of a head wider than 256 on the fast path at long sequences (row-chunked GEMM attention,
+    ``streamtune.kernels.wide_attention``): its chunk workspace plus the q/k/v gradients; 0 elsewhere."""
+    from streamtune.kernels.attention import WIDE_HEAD_DIM
+    from streamtune.kernels.select import WIDE_ATTENTION_MIN_TOKENS
+    from streamtune.kernels.wide_attention import workspace_bytes
+
+    s = layer.shape
+    head_dim = s.q_width // max(1, s.num_heads)
+    if head_dim <= WIDE_HEAD_DIM or tokens < WIDE_ATTENTION_MIN_TOKENS:
+        return 0
+    num_kv_heads = max(1, s.kv_width // 2 // head_dim)
+    return workspace_bytes(s.num_heads, num_kv_heads, tokens, head_dim) + (s.q_width + s.kv_width) * tokens * ACT_BYTES
 
 
 def lora_fold_bytes(layer: LayerSize) -> int:
