@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_ROWS = 8
-BLOCK_COLS = 512
+from streamtune.quant.int8_tiles import BLOCK_COLS, BLOCK_ROWS, MAX_TENSORS
+
 NUM_WARPS = 4
 
 
@@ -46,3 +46,49 @@ def int8_decode_triton(q_rows: torch.Tensor, scale: torch.Tensor, out_rows: torc
     grid = (triton.cdiv(num_rows, BLOCK_ROWS), triton.cdiv(num_cols, BLOCK_COLS))
     _int8_decode_kernel[grid](q_rows, scale, out_rows, num_rows, num_cols, BLOCK_R=BLOCK_ROWS,
                               BLOCK_C=BLOCK_COLS, num_warps=NUM_WARPS)
+
+
+# Columns of the per-tensor table of int8_decode_many: int8 offset, scale offset and output offset (in elements of
+# their buffers), rows, columns, and the tensor's first tile in the launch grid.
+TABLE_COLUMNS = 6
+
+
+@triton.jit
+def _int8_decode_many_kernel(q_ptr, scale_ptr, out_ptr, table_ptr, num_tensors,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MAX_T: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    index = tl.arange(0, MAX_T)
+    starts = tl.load(table_ptr + index * 6 + 5, mask=index < num_tensors, other=2**62)
+    # this tile's tensor: the last one whose first tile is at or before it (clamped: every access below is
+    # masked by that tensor's own rows and columns, so no tile can touch memory outside its tensor)
+    t = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
+    t = tl.minimum(tl.maximum(t, 0), num_tensors - 1).to(tl.int64)
+    entry = table_ptr + t * 6
+    q_off, scale_off, out_off = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+    num_rows, num_cols, first = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
+    col_tiles = tl.cdiv(num_cols, BLOCK_C)
+    local = pid - first
+    rows = (local // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (local % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = (rows >= 0) & (rows < num_rows)
+    mask = row_ok[:, None] & ((cols >= 0) & (cols < num_cols))[None, :]
+    offsets = rows[:, None] * num_cols + cols[None, :]
+    q = tl.load(q_ptr + q_off + offsets, mask=mask, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + scale_off + rows, mask=row_ok, other=0.0)
+    tl.store(out_ptr + out_off + offsets, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def int8_decode_many(q_bytes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, table: torch.Tensor,
+                     total_tiles: int) -> None:
+    """Decode several int8 tensors of one buffer in one launch.
+
+    Args:
+        q_bytes: the int8 view of the buffer holding every tensor's values.
+        scales: a float32 view of the buffer holding every tensor's row scales.
+        out: the output buffer (one dtype) holding every decoded tensor.
+        table: int64 ``[tensors, TABLE_COLUMNS]`` on the device, built by the caller and checked against the
+            buffers' sizes (see ``streamtune.offload.batch_decode``).
+        total_tiles: the sum of ``streamtune.quant.int8_tiles.num_tiles`` over the tensors.
+    """
+    _int8_decode_many_kernel[(total_tiles,)](q_bytes, scales, out, table, table.shape[0], BLOCK_R=BLOCK_ROWS,
+                                             BLOCK_C=BLOCK_COLS, MAX_T=MAX_TENSORS, num_warps=NUM_WARPS)
