@@ -121,23 +121,36 @@ def test_a_kernel_that_matches_is_checked_once_then_trusted(monkeypatch):
 
 _INTERPRETED = r"""
 import torch
+from streamtune.models.build import build_model
 from streamtune.offload import batch_decode
-from streamtune.offload.host import bind_views
+from streamtune.offload.host import bind_views, pack_layer
+from streamtune.quant import get_codec
 from streamtune.quant.int8_triton import int8_decode_many
+from streamtune.quant.policy import should_compress
 from tests.offload.test_batch_decode import _packed
 
+def gemma_layer():  # a real decoder layer: attention, dense MLP and fused 3-D experts, the engine's codec policy
+    model, _ = build_model("tiny-gemma4", torch.bfloat16, seed=0)
+    layer = model.model.layers[0].requires_grad_(False)
+    codec = lambda name, shape: get_codec("int8" if should_compress(name, shape, "int8") else "bf16")
+    pack = pack_layer(0, layer, codec, torch.device("cpu"), pin=False)
+    return pack, torch.empty(pack.decoded_nbytes, dtype=torch.uint8)
+
 _, pack, workspace, _ = _packed()
-entries = bind_views(pack, pack.buffer, workspace).entries
-plan = batch_decode.build_layer_decode(entries, pack.buffer, workspace)
-# fp32 output: the interpreter's bf16 rounding is not the GPU's
-out32 = torch.zeros(workspace.numel(), dtype=torch.float32)
-int8_decode_many(plan.q_bytes, plan.scales, out32, plan.table, plan.total_tiles)
-for position in plan.positions:
-    entry, parts, out = entries[position]
-    start = entry.decoded_offset_bytes // 2
-    got = out32[start:start + out.numel()].view(entry.shape)
-    want = parts["q"].float() * parts["scale"].view(-1, 1)
-    assert torch.equal(got, want), entry.name
+for pack, workspace in [(pack, workspace), gemma_layer()]:
+    entries = bind_views(pack, pack.buffer, workspace).entries
+    plan = batch_decode.build_layer_decode(entries, pack.buffer, workspace)
+    assert plan is not None and len(plan.positions) >= 2
+    # fp32 output: the interpreter's bf16 rounding is not the GPU's
+    out32 = torch.zeros(workspace.numel(), dtype=torch.float32)
+    int8_decode_many(plan.q_bytes, plan.scales, out32, plan.table, plan.total_tiles)
+    for position in plan.positions:
+        entry, parts, out = entries[position]
+        start = entry.decoded_offset_bytes // 2
+        got = out32[start:start + out.numel()].view(entry.shape)
+        want = (parts["q"].float().view(-1, entry.shape[-1]) * parts["scale"].view(-1, 1)).view(entry.shape)
+        assert torch.equal(got, want), entry.name
+    print(len(plan.positions), "tensors", [tuple(entries[p][0].shape) for p in plan.positions])
 print("interpreted ok")
 """
 

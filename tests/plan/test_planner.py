@@ -288,3 +288,23 @@ def test_plan_for_run_uses_the_config():
     cfg.memory.gpu_budget, cfg.memory.codec, cfg.lora.rank = "2GiB", "int8", 8
     plan = plan_for_run(cfg, link=GPU_PROFILES["h100"])
     assert (plan.tokens, plan.codec, plan.lora_rank, plan.gpu_budget_bytes) == (512, "int8", 8, 2 * GIB)
+
+
+def test_wide_heads_at_long_sequences_plan_the_faster_wide_attention(monkeypatch):
+    import dataclasses
+
+    from streamtune.plan import timing
+    from streamtune.plan.planner import _meta, _targets
+    from streamtune.plan.sizing import size_model
+
+    costs = timing.KERNEL_COSTS["compiled"]
+    name, config, meta = _meta("gemma4-26b-a4b", False)
+    model = size_model(config, "int8", 16, _targets(config, None), [], model=meta, name=name)
+    wide = next(layer for layer in model.layers if layer.shape.q_width // layer.shape.num_heads > 256)
+    narrow = next(layer for layer in model.layers if layer.shape.q_width // layer.shape.num_heads <= 256)
+    assert costs.layer_attention_efficiency(wide, 8192) == timing.WIDE_ATTENTION_EFFICIENCY > costs.attention_efficiency
+    assert costs.layer_attention_efficiency(wide, 2048) == costs.attention_efficiency
+    assert costs.layer_attention_efficiency(narrow, 8192) == costs.attention_efficiency
+    with_wide = _plan(tokens=8192, gpu="h200").timing["compute_forward_seconds"]
+    monkeypatch.setitem(timing.KERNEL_COSTS, "compiled", dataclasses.replace(costs, wide_attention_efficiency=None))
+    assert _plan(tokens=8192, gpu="h200").timing["compute_forward_seconds"] > with_wide

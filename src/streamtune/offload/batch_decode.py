@@ -8,7 +8,7 @@ the H200 it spent 81 ms of its 415 ms there: 530 decodes in 60 binds (host profi
 Solution: for each (layer, buffer, workspace) the engine keeps its bind views; with them it now keeps a table of
 the layer's int8 tensors (offsets, rows, columns; checked against the buffers' sizes) on the GPU, and a bind is
 one launch of a kernel that decodes them all (``streamtune.quant.int8_triton.int8_decode_many``). The first
-batched decode of a process is compared with the per-tensor decode of its first and last tensors; a mismatch, or
+batched decode of a process is compared with the per-tensor decode of its two smallest tensors; a mismatch, or
 a kernel that fails, turns batching off for the rest of the process with a warning, and the per-tensor decode
 serves every bind as before.
 """
@@ -74,7 +74,11 @@ def plan_layer_decode(entries: list[tuple[Any, dict, Any]], slot: torch.Tensor,
     where it does not apply (not CUDA, no Triton, fewer than two such tensors, batching turned off)."""
     if workspace is None or slot.device.type != "cuda" or _STATE["disabled"] is not None:
         return None
-    return build_layer_decode(entries, slot, workspace)
+    try:
+        return build_layer_decode(entries, slot, workspace)
+    except (RuntimeError, ValueError) as exc:  # e.g. a buffer whose address does not allow a float32 view
+        _disable(f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def build_layer_decode(entries: list[tuple[Any, dict, Any]], slot: torch.Tensor,
@@ -126,7 +130,10 @@ def run_layer_decode(plan: LayerDecode, entries: list[tuple[Any, dict, Any]]) ->
 
 
 def _first_mismatch(plan: LayerDecode, entries: list[tuple[Any, dict, Any]]) -> str | None:
-    for position in (plan.positions[0], plan.positions[-1]):
+    """The name of a tensor the launch decoded differently from the codec, among the two smallest it decoded
+    (small: the check allocates their per-tensor decode, and may run near a GPU cap)."""
+    by_size = sorted(plan.positions, key=lambda position: entries[position][0].decoded_nbytes)
+    for position in by_size[:2]:
         entry, parts, out = entries[position]
         expected = entry.codec.decode(parts, entry.shape, entry.dtype)
         if not torch.equal(expected, out):

@@ -57,6 +57,8 @@ class KernelCosts:
         cpu_s_per_layer_pass: host time to issue one layer pass.
         expert_half_rows: tokens routed per expert at which grouped expert GEMMs reach half the matmul
             speed (efficiency ``rows / (rows + expert_half_rows)``); None: ``EXPERT_MATMUL_EFFICIENCY``.
+        wide_attention_efficiency: ``attention_efficiency`` of heads wider than 256 at long sequences, where the
+            fast path replaces FlexAttention by row-chunked GEMMs; None: the same as the others.
     """
 
     attention_efficiency: float
@@ -64,6 +66,18 @@ class KernelCosts:
     elementwise_s_per_token: float
     cpu_s_per_layer_pass: float
     expert_half_rows: float | None = None
+    wide_attention_efficiency: float | None = None
+
+    def layer_attention_efficiency(self, layer: LayerSize, tokens: int) -> float:
+        """``attention_efficiency``, or for a head wider than 256 at a sequence long enough for the row-chunked
+        GEMM attention (``streamtune.kernels.wide_attention``) ``wide_attention_efficiency`` where set."""
+        from streamtune.kernels.attention import WIDE_HEAD_DIM
+        from streamtune.kernels.select import WIDE_ATTENTION_MIN_TOKENS
+
+        head_dim = layer.shape.q_width // max(1, layer.shape.num_heads)
+        if self.wide_attention_efficiency and head_dim > WIDE_HEAD_DIM and tokens >= WIDE_ATTENTION_MIN_TOKENS:
+            return self.wide_attention_efficiency
+        return self.attention_efficiency
 
     def expert_efficiency(self, rows_per_expert: float) -> float:
         """Share of the matmul speed the grouped expert GEMMs reach at ``rows_per_expert`` routed tokens."""
@@ -94,12 +108,23 @@ class KernelCosts:
 # pass plus 0.238 us per token and pass: Inductor fuses the norms, casts and residuals); the host 0.339 s for
 # the 2048-token step in that run and 0.31-0.43 s per step in two `streamtune bench` runs on the same card
 # (steps of a host-bound step vary by +-15 % there): 4.0 ms per layer pass.
+# wide heads (session 9): the head_dim-512 layers at 4096 tokens and more run the row-chunked GEMM attention.
+# benchmarks/flex_sweep.py on the H200 at 8192 tokens, one layer: FlexAttention 6.3 ms forward, 47.4 ms forward +
+# backward; chunks of 64 Mi scores 10.3 / 31.0 ms, of 128 Mi 7.6 / 18.3 ms. A training step runs the forward twice
+# (checkpoint recompute): 53.7 ms per layer with FlexAttention, 41.3 with 64 Mi, 25.9 with 128 Mi, so the
+# efficiency is 0.21 x 53.7 / 25.9 = 0.435 with the default 128 Mi. Checked in sample with 64 Mi (efficiency
+# 0.273): predicted 0.799 s for the 26B int8 step at 8192 tokens (0.838 s with FlexAttention's 0.21), measured
+# 0.781 s by `streamtune bench` (benchmarks/results/stream_step-NVIDIA_H200-int8-20261130-183126.json). With
+# 128 Mi it predicts 0.751 s; that step is not measured yet.
+WIDE_ATTENTION_EFFICIENCY = 0.435
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
     "fast": KernelCosts(attention_efficiency=0.21, gpu_s_per_layer_pass=0.00031, elementwise_s_per_token=0.441e-6,
-                        cpu_s_per_layer_pass=0.0075, expert_half_rows=128.0),
+                        cpu_s_per_layer_pass=0.0075, expert_half_rows=128.0,
+                        wide_attention_efficiency=WIDE_ATTENTION_EFFICIENCY),
     "compiled": KernelCosts(attention_efficiency=0.21, gpu_s_per_layer_pass=0.00025,
-                            elementwise_s_per_token=0.238e-6, cpu_s_per_layer_pass=0.0040, expert_half_rows=128.0),
+                            elementwise_s_per_token=0.238e-6, cpu_s_per_layer_pass=0.0040, expert_half_rows=128.0,
+                            wide_attention_efficiency=WIDE_ATTENTION_EFFICIENCY),
 }
 # memory speed of the card the fast costs were fitted on (the named h200 profile): elementwise time scales by it
 CALIBRATION_HBM_GBPS = 3600.0
@@ -171,7 +196,8 @@ def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkp
     grouped = kernels != "eager"
     for layer in model.layers:
         rows = tokens * layer.shape.top_k / layer.shape.num_experts if layer.shape.num_experts else 0.0
-        flops = layer_flops(layer, tokens, rank, costs.attention_efficiency, grouped, costs.expert_efficiency(rows))
+        flops = layer_flops(layer, tokens, rank, costs.layer_attention_efficiency(layer, tokens), grouped,
+                            costs.expert_efficiency(rows))
         weights = layer.plain_bytes
         fold_bytes = 0.0 if grouped else 2.0 * layer.lora_folded_bytes
         decode = sum(t.plain_bytes for t in layer.tensors if t.compressed) / dequant
