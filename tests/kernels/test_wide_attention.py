@@ -140,3 +140,19 @@ def test_tiny_gemma4_wide_layers_take_it_and_train_like_the_stock_model(monkeypa
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
     for key, ref in ref_grads.items():
         torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_an_elementwise_kernel_that_cannot_compile_runs_eagerly_with_a_warning(monkeypatch):
+    from streamtune.kernels import compiling, wide_attention
+
+    def broken(*args):
+        raise RuntimeError("no Triton for this card")
+
+    monkeypatch.setattr(compiling, "compile_fn", lambda fn, dynamic: broken)
+    monkeypatch.setattr(wide_attention, "_COMPILED", {})
+    fn = wide_attention._elementwise("softmax", wide_attention._softmax_rows, "cuda")
+    scores, keep = torch.randn(1, 1, 2, 4, 6), torch.ones(1, 1, 1, 4, 6, dtype=torch.bool)
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        probs, lse = fn(scores, keep, 0.5, torch.float32)
+    torch.testing.assert_close(probs, torch.softmax(scores * 0.5, -1))
+    assert wide_attention._elementwise("softmax", wide_attention._softmax_rows, "cuda") is wide_attention._softmax_rows

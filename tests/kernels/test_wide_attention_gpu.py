@@ -50,3 +50,51 @@ def test_bf16_wide_attention_is_as_close_to_fp32_as_memory_efficient_sdpa():
     ours_err, base_err = _errors(ours, our_grads, ref, ref_grads), _errors(base, base_grads, ref, ref_grads)
     for name, mine, theirs in zip(("out", "dq", "dk", "dv"), ours_err, base_err):
         assert mine <= 1.5 * theirs + 1e-3, (name, ours_err, base_err)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["pieces", "compiled-layers"])
+def test_tiny_gemma4_global_layers_through_wide_attention_match_eager_on_cuda(monkeypatch, compiled):
+    """fp32, the global layers (head_dim 32 here, counted wide) through the row-chunked GEMMs inside the fast path
+    (and inside compiled layers, where attention is a graph break): loss and LoRA gradients equal the eager ones."""
+    import dataclasses
+
+    from streamtune.config import LoraConfig
+    from streamtune.kernels import apply_kernels, attention, calls, reset, select_for_device
+    from streamtune.lora import attach_lora
+    from streamtune.models.build import build_model
+    from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+
+    monkeypatch.setattr(attention, "WIDE_HEAD_DIM", 16)
+    model, adapter = build_model("tiny-gemma4", torch.float32, seed=1)
+    model = attach_lora(model, adapter, LoraConfig(rank=4, alpha=8), seed=0).cuda()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, 512), generator=gen)
+    positions = torch.cat([torch.arange(300), torch.arange(212)])[None]
+    batch = {k: v.cuda() for k, v in {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}.items()}
+
+    def loss_and_grads(kernels):
+        model.zero_grad(set_to_none=True)
+        loss = lm_loss_sum(model, adapter, batch, 128, kernels) / count_valid_tokens(batch["labels"])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads(None)
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        choice = dataclasses.replace(select_for_device("auto", torch.device("cuda"), torch.float32,
+                                                       compile_layers=compiled), wide_attention_min_tokens=256)
+        apply_kernels(model, choice)
+        reset()
+        loss, grads = loss_and_grads(choice)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    assert calls("wide_attention") > 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    for key, ref in ref_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grads[key].flatten(), ref.flatten(), dim=0)
+        assert cosine > 0.999, key

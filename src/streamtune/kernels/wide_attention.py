@@ -22,6 +22,7 @@ assumes which mask a model uses, except that it is causal: no key after a query 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from streamtune.kernels.counters import count
@@ -70,14 +71,34 @@ def _score_grads(scores: Any, keep: Any, lse: Any, grad_probs: Any, delta: Any, 
 
 
 def _elementwise(name: str, fn: Callable[..., Any], device_type: str) -> Callable[..., Any]:
-    """``fn`` compiled once per process on CUDA (dynamic shapes: chunks differ in width); eager elsewhere."""
-    if device_type != "cuda":
+    """``fn`` compiled once per process on CUDA (dynamic shapes: chunks differ in width); eager elsewhere, and
+    from the first compile failure on (with a warning), as the other compiled pieces do."""
+    if device_type != "cuda" or _COMPILED.get(name) is False:
         return fn
     if name not in _COMPILED:
         from streamtune.kernels.compiling import compile_fn
 
         _COMPILED[name] = compile_fn(fn, dynamic=True)
-    return _COMPILED[name]
+    return functools.partial(_compiled_or_eager, name, fn)
+
+
+def _compiled_or_eager(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    import warnings
+
+    import torch
+
+    from streamtune.kernels.compiling import is_compile_failure
+
+    try:
+        return _COMPILED[name](*args)
+    except Exception as exc:  # Inductor/Triton lowering errors have no common public base class
+        if isinstance(exc, torch.OutOfMemoryError) or not is_compile_failure(exc):
+            raise
+        _COMPILED[name] = False
+        warnings.warn(f"streamtune: the wide-head attention's {name} kernel could not be compiled "
+                      f"({type(exc).__name__}: {str(exc)[:200]}); it runs as separate torch ops from now on",
+                      RuntimeWarning, stacklevel=2)
+        return fn(*args)
 
 
 def _matmul(a: Any, b: Any) -> Any:
