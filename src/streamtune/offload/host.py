@@ -239,17 +239,18 @@ def part_view(buffer: torch.Tensor, part: PackedPart) -> torch.Tensor:
 @dataclass
 class BindViews:
     """What :func:`bind` needs for one layer in one buffer: each tensor's parts in the buffer and its decode output
-    in the workspace (``entries``), and the one-launch decode of its int8 tensors where it applies (``batch``)."""
+    in the workspace (``entries``), and the one-launch decodes of its int8 and nf4 tensors where they apply
+    (``batch``: ``streamtune.offload.batch_decode.LayerDecode`` objects)."""
 
     entries: list[tuple[PackedTensor, dict[str, torch.Tensor], torch.Tensor | None]]
-    batch: Any = None
+    batch: list[Any] = field(default_factory=list)
 
 
 def bind_views(pack: LayerPack, slot: torch.Tensor, workspace: torch.Tensor | None) -> BindViews:
     """The typed views :func:`bind` needs: each part in ``slot``, each decode output in ``workspace``.
 
     Host work only (about 200 us per 26B int8 layer on a CPU core; on CUDA one small table copy for the batched
-    int8 decode), the same for every use of one slot by one layer: callers may keep them for as long as ``slot``
+    int8 and nf4 decodes), the same for every use of one slot by one layer: callers may keep them for as long as ``slot``
     and ``workspace`` live.
     """
     from streamtune.offload.batch_decode import plan_layer_decode
@@ -274,8 +275,7 @@ def bind(pack: LayerPack, slot: torch.Tensor, workspace: torch.Tensor | None, vi
     from streamtune.offload.batch_decode import run_layer_decode
 
     views = views if views is not None else bind_views(pack, slot, workspace)
-    decoded = set(views.batch.positions) if views.batch is not None and run_layer_decode(views.batch, views.entries) \
-        else set()
+    decoded = run_layer_decode(views.batch, views.entries) if views.batch else set()
     for position, (entry, parts, out) in enumerate(views.entries):
         if out is None:
             entry.param.data = parts[entry.parts[0].name]

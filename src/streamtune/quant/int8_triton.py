@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from streamtune.quant.int8_tiles import BLOCK_COLS, BLOCK_ROWS, MAX_TENSORS
+from streamtune.quant.tiles import BLOCK_COLS, BLOCK_ROWS, MAX_TENSORS
 
 NUM_WARPS = 4
 
@@ -88,7 +88,7 @@ def int8_decode_many(q_bytes: torch.Tensor, scales: torch.Tensor, out: torch.Ten
         out: the output buffer (one dtype) holding every decoded tensor.
         table: int64 ``[tensors, TABLE_COLUMNS]`` on the device, built by the caller and checked against the
             buffers' sizes (see ``streamtune.offload.batch_decode``).
-        total_tiles: the sum of ``streamtune.quant.int8_tiles.num_tiles`` over the tensors.
+        total_tiles: the sum of ``streamtune.quant.tiles.num_tiles`` over the tensors.
     """
     _int8_decode_many_kernel[(total_tiles,)](q_bytes, scales, out, table, table.shape[0], BLOCK_R=BLOCK_ROWS,
                                              BLOCK_C=BLOCK_COLS, MAX_T=MAX_TENSORS, num_warps=NUM_WARPS)

@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-ELEMENTS_PER_PROGRAM = 2048
+from streamtune.quant.tiles import MAX_TENSORS, NF4_ELEMENTS_PER_PROGRAM
+
+ELEMENTS_PER_PROGRAM = NF4_ELEMENTS_PER_PROGRAM
 NUM_WARPS = 4
 
 
@@ -39,3 +41,47 @@ def nf4_decode_triton(q: torch.Tensor, absmax: torch.Tensor, levels: torch.Tenso
     numel = out_flat.numel()
     grid = (triton.cdiv(numel, ELEMENTS_PER_PROGRAM),)
     _nf4_decode_kernel[grid](q, absmax, levels, out_flat, numel, BLOCK=ELEMENTS_PER_PROGRAM, num_warps=NUM_WARPS)
+
+
+@triton.jit
+def _nf4_decode_many_kernel(q_ptr, absmax_q_ptr, f32_ptr, levels_ptr, out_ptr, table_ptr, num_tensors,
+                            BLOCK: tl.constexpr, MAX_T: tl.constexpr):
+    """Double-quantized NF4: table rows ``[q byte, absmax code byte, scale, offset (float32 elements of f32_ptr),
+    out element, numel, first program]``; one program decodes ``BLOCK`` elements of one tensor."""
+    pid = tl.program_id(0).to(tl.int64)
+    index = tl.arange(0, MAX_T)
+    starts = tl.load(table_ptr + index * 7 + 6, mask=index < num_tensors, other=2**62)
+    # this program's tensor (clamped: every access below is masked by that tensor's own size)
+    t = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
+    t = tl.minimum(tl.maximum(t, 0), num_tensors - 1).to(tl.int64)
+    entry = table_ptr + t * 7
+    q_off, code_off, scale_off = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+    offset_off, out_off, numel, first = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5), tl.load(entry + 6)
+    offsets = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    mask = (offsets >= 0) & (offsets < numel)
+    packed = tl.load(q_ptr + q_off + offsets // 2, mask=mask, other=0).to(tl.int32)
+    shift = 4 - (offsets % 2).to(tl.int32) * 4
+    level = tl.load(levels_ptr + ((packed >> shift) & 15))
+    block = offsets // 64
+    code = tl.load(absmax_q_ptr + code_off + block, mask=mask, other=0).to(tl.float32)
+    group = block // 256
+    scale = tl.load(f32_ptr + scale_off + group, mask=mask, other=0.0)
+    log_offset = tl.load(f32_ptr + offset_off + group, mask=mask, other=0.0)
+    absmax = tl.where(code > 0, tl.exp2(log_offset + (code - 1.0) * scale), 0.0)
+    tl.store(out_ptr + out_off + offsets, (level * absmax).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def nf4_decode_many(q_bytes: torch.Tensor, f32: torch.Tensor, levels: torch.Tensor, out: torch.Tensor,
+                    table: torch.Tensor, total_programs: int) -> None:
+    """Decode several double-quantized NF4 tensors of one buffer in one launch.
+
+    Args:
+        q_bytes: the uint8 buffer holding every tensor's packed indices and absmax codes.
+        f32: a float32 view of the same buffer (the groups' log2 scales and offsets).
+        levels: the 16 NF4 levels, float32, on the device.
+        out: the output buffer (one dtype) holding every decoded tensor.
+        table: int64 ``[tensors, 7]`` on the device (see the kernel), checked by the caller against the buffers.
+        total_programs: the sum of ``streamtune.quant.tiles.nf4_programs`` over the tensors.
+    """
+    _nf4_decode_many_kernel[(total_programs,)](q_bytes, q_bytes, f32, levels, out, table, table.shape[0],
+                                               BLOCK=ELEMENTS_PER_PROGRAM, MAX_T=MAX_TENSORS, num_warps=NUM_WARPS)
