@@ -78,6 +78,7 @@ def worker(args: argparse.Namespace) -> int:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
     threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
     _trace_setup_memory()
+    _trace_step_times()
     caps = [float(c) for c in args.worker_caps.split(",")]
     if args.worker_split:
         devices = ",".join(f"cuda:{i}" if args.device == "cuda" else "cpu" for i in range(len(caps)))
@@ -127,6 +128,36 @@ def _trace_setup_memory() -> None:
         setattr(Recipe, phase, _traced(getattr(Recipe, phase), phase, rank))
 
 
+def _trace_step_times() -> None:
+    """Print each rank's time per optimizer step and, within it, for its micro-batches (forward and backward, up to
+    the device's last kernel): in data parallel a step waits for the slower rank, and these lines say which one
+    that was and by how much (the rest of a step: collectives, clipping, the optimizer)."""
+    import torch
+
+    from streamtune.train.recipe import Recipe
+
+    rank = os.environ.get("LOCAL_RANK", "0")
+    accumulate, train_step = Recipe._accumulate, Recipe._train_step
+    timings: dict[str, float] = {}
+
+    def timed_accumulate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        result = accumulate(self, *args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings["micro"] = time.perf_counter() - started
+        return result
+
+    def timed_step(self: Any, step: int, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        result = train_step(self, step, *args, **kwargs)
+        print(f"[rank {rank} step {step}] step {time.perf_counter() - started:.3f} s, micro-batches "
+              f"{timings.get('micro', float('nan')):.3f} s", flush=True)
+        return result
+
+    Recipe._accumulate, Recipe._train_step = timed_accumulate, timed_step
+
+
 def _traced(method: Any, phase: str, rank: str) -> Any:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = method(self, *args, **kwargs)
@@ -168,6 +199,12 @@ def _used_bytes() -> int:
         key, value = line.split(":")
         info[key] = int(value.split()[0]) * 1024
     return info["MemTotal"] - info["MemAvailable"]
+
+
+# PSS walks every page table entry of every process of the job (/proc/PID/smaps), holding each one's memory map
+# lock meanwhile: 31 ms per 6 GiB of touched memory here, so about 0.13 s per 26B rank; every 0.5 s that kept a
+# core busy beside the steps it measured. It is sampled every 5 s; MemAvailable (cheap) every 0.5 s.
+PSS_EVERY_SAMPLES = 10
 
 
 def _job_pss_bytes(pid: int) -> tuple[int, int]:
@@ -243,10 +280,13 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
     log: list[str] = []
     reader = threading.Thread(target=_echo, args=(proc.stdout, log, name), daemon=True)
     reader.start()
+    pss = (0, 0)
     while proc.poll() is None:
         steps = len(metrics.read_text().splitlines()) if metrics.is_file() else -1
         phase = 0 if steps < 0 or (root / name / "adapter").exists() else 1 if steps < 1 else 2
-        samples.append((phase, _used_bytes() - baseline, *_job_pss_bytes(proc.pid)))
+        if len(samples) % PSS_EVERY_SAMPLES == 0:
+            pss = _job_pss_bytes(proc.pid)
+        samples.append((phase, _used_bytes() - baseline, *pss))
         time.sleep(0.5)
     reader.join(timeout=5)
     wall_s = time.perf_counter() - started
@@ -276,11 +316,29 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
         if "gpu_peak_bytes_per_device" in timed[0]:
             result["gpu_peak_bytes_per_device"] = [max(r["gpu_peak_bytes_per_device"][d] for r in timed)
                                                    for d in range(len(timed[0]["gpu_peak_bytes_per_device"]))]
+    result["rank_times"] = _rank_times(log)
     if proc.returncode != 0:
         result["log_tail"] = "".join(log)[-3000:]
     print(f"[multi_gpu] {name}: rc={proc.returncode} tok/s={result.get('tok_s', 0):.0f} "
           f"host(train)={(result['host_train_bytes'] or 0) / GIB:.1f} GiB wall={wall_s:.0f} s", flush=True)
     return result
+
+
+def _rank_times(log: list[str]) -> dict[str, dict[str, float]]:
+    """Per rank, from the workers' ``[rank R step S]`` lines: median step and micro-batch seconds over the steps
+    after the first (which compiles)."""
+    import re
+    import statistics
+
+    found: dict[str, dict[str, list[float]]] = {}
+    for line in log:
+        match = re.search(r"\[rank (\d+) step (\d+)\] step ([\d.]+) s, micro-batches ([\d.na]+) s", line)
+        if match and int(match.group(2)) > 1:
+            times = found.setdefault(match.group(1), {"step_s": [], "micro_batches_s": []})
+            times["step_s"].append(float(match.group(3)))
+            times["micro_batches_s"].append(float(match.group(4)))
+    return {rank: {key: statistics.median(values) for key, values in times.items() if values}
+            for rank, times in sorted(found.items())}
 
 
 def _predictions(args: argparse.Namespace, caps: list[float]) -> dict:
@@ -361,6 +419,10 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
                   f"use, {delta_gb('host_steady_rank_pss_bytes'):.2f} GB PSS of the ranks and "
                   f"{delta_gb('host_steady_other_pss_bytes'):.2f} GB of the job's other processes (launcher, "
                   f"compile workers)")
+    for r in results:
+        for rank, times in (r.get("rank_times") or {}).items():
+            print(f"{r['mode']} rank {rank}: median step {times.get('step_s', float('nan')):.3f} s, its micro-batches "
+                  f"{times.get('micro_batches_s', float('nan')):.3f} s (to the last kernel)")
     dp, ls = predictions["data_parallel"], predictions["layer_split"]
     print(f"caps {args.caps} GiB predicted (h200 profile): data parallel {dp['step_seconds'] if dp else float('nan'):.2f} s/step "
           f"(split {dp['split'] if dp else None}), layer split {ls['step_seconds'] if ls else float('nan'):.2f} s/step "
