@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from streamtune.quant.tiles import BLOCK_COLS, BLOCK_ROWS, MAX_TENSORS
+from streamtune.quant.triton_tables import table_entry
 
 NUM_WARPS = 4
 
@@ -57,13 +58,7 @@ TABLE_COLUMNS = 6
 def _int8_decode_many_kernel(q_ptr, scale_ptr, out_ptr, table_ptr, num_tensors,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MAX_T: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    index = tl.arange(0, MAX_T)
-    starts = tl.load(table_ptr + index * 6 + 5, mask=index < num_tensors, other=2**62)
-    # this tile's tensor: the last one whose first tile is at or before it (clamped: every access below is
-    # masked by that tensor's own rows and columns, so no tile can touch memory outside its tensor)
-    t = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
-    t = tl.minimum(tl.maximum(t, 0), num_tensors - 1).to(tl.int64)
-    entry = table_ptr + t * 6
+    entry = table_entry(table_ptr, num_tensors, pid, 6, MAX_T)  # every access below is masked by its sizes
     q_off, scale_off, out_off = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
     num_rows, num_cols, first = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
     col_tiles = tl.cdiv(num_cols, BLOCK_C)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from streamtune.quant.tiles import MAX_TENSORS, NF4_ELEMENTS_PER_PROGRAM
+from streamtune.quant.triton_tables import table_entry
 
 ELEMENTS_PER_PROGRAM = NF4_ELEMENTS_PER_PROGRAM
 NUM_WARPS = 4
@@ -49,12 +50,7 @@ def _nf4_decode_many_kernel(q_ptr, absmax_q_ptr, f32_ptr, levels_ptr, out_ptr, t
     """Double-quantized NF4: table rows ``[q byte, absmax code byte, scale, offset (float32 elements of f32_ptr),
     out element, numel, first program]``; one program decodes ``BLOCK`` elements of one tensor."""
     pid = tl.program_id(0).to(tl.int64)
-    index = tl.arange(0, MAX_T)
-    starts = tl.load(table_ptr + index * 7 + 6, mask=index < num_tensors, other=2**62)
-    # this program's tensor (clamped: every access below is masked by that tensor's own size)
-    t = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
-    t = tl.minimum(tl.maximum(t, 0), num_tensors - 1).to(tl.int64)
-    entry = table_ptr + t * 7
+    entry = table_entry(table_ptr, num_tensors, pid, 7, MAX_T)  # every access below is masked by its size
     q_off, code_off, scale_off = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
     offset_off, out_off, numel, first = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5), tl.load(entry + 6)
     offsets = (pid - first) * BLOCK + tl.arange(0, BLOCK)
