@@ -125,10 +125,10 @@ def test_selected_on_cuda_sm80_only():
 def test_tiny_gemma4_wide_layers_take_it_and_train_like_the_stock_model(monkeypatch):
     """The global layers (head_dim 32, counted wide here) go through it, the others through SDPA; loss and LoRA
     gradients equal the stock model's."""
-    from streamtune.kernels import attention
+    from streamtune.kernels import attention, select
     from tests.kernels.test_attention import _loss_and_grads, _lora_gemma
 
-    monkeypatch.setattr(attention, "WIDE_HEAD_DIM", 16)
+    monkeypatch.setattr(select, "WIDE_HEAD_DIM", 16)
     model, adapter, batch = _lora_gemma(96)
     ref_loss, ref_grads = _loss_and_grads(model, adapter, batch)
     choice = dataclasses.replace(select_kernels("auto", "cuda", "float32", (9, 0)), wide_attention_min_tokens=64)

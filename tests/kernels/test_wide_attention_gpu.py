@@ -59,12 +59,12 @@ def test_tiny_gemma4_global_layers_through_wide_attention_match_eager_on_cuda(mo
     import dataclasses
 
     from streamtune.config import LoraConfig
-    from streamtune.kernels import apply_kernels, attention, calls, reset, select_for_device
+    from streamtune.kernels import apply_kernels, calls, reset, select, select_for_device
     from streamtune.lora import attach_lora
     from streamtune.models.build import build_model
     from streamtune.train.loss import count_valid_tokens, lm_loss_sum
 
-    monkeypatch.setattr(attention, "WIDE_HEAD_DIM", 16)
+    monkeypatch.setattr(select, "WIDE_HEAD_DIM", 16)
     model, adapter = build_model("tiny-gemma4", torch.float32, seed=1)
     model = attach_lora(model, adapter, LoraConfig(rank=4, alpha=8), seed=0).cuda()
     with torch.no_grad():

@@ -22,8 +22,6 @@ FLEX_NAME = "streamtune_flex"
 _STATE: dict[str, Any] = {"choice": None, "compiled": None, "broken": False}
 # One default FlexAttention mask block: shorter queries go to SDPA with a dense mask (see dense_attention).
 MIN_FLEX_QUERY_TOKENS = 128
-# Heads wider than this go to the row-chunked GEMM attention at long sequences (see select.py's measurements).
-WIDE_HEAD_DIM = 256
 
 
 def _flex_kernel(device_type: str) -> Any:
@@ -80,10 +78,11 @@ def _use_wide(module: Any, query: Any, key: Any) -> bool:
     """Whether this call goes to :func:`streamtune.kernels.wide_attention.wide_attention`: a head wider than
     FlexAttention serves well, a sequence of at least the choice's ``wide_attention_min_tokens``, a causal module
     and no KV cache."""
-    choice = _STATE["choice"]
-    min_tokens = getattr(choice, "wide_attention_min_tokens", None)
-    return (min_tokens is not None and query.shape[-1] > WIDE_HEAD_DIM and query.shape[2] >= min_tokens
-            and query.shape[2] == key.shape[2] and getattr(module, "is_causal", True))
+    from streamtune.kernels.select import wide_attention_applies
+
+    min_tokens = getattr(_STATE["choice"], "wide_attention_min_tokens", None)
+    return (wide_attention_applies(query.shape[-1], query.shape[2], min_tokens) and query.shape[2] == key.shape[2]
+            and getattr(module, "is_causal", True))
 
 
 def _flex_or_dense(query: Any, key: Any, value: Any, block_mask: Any, scaling: float | None, enable_gqa: bool) -> Any:

@@ -43,7 +43,10 @@ _LARGE_SMEM_CAPABILITIES = ((9, 0), (10, 0))
 #   82.0 ms for memory-efficient SDPA.
 # - head_dim 256 (16 q / 8 kv heads, window 1024): 128 x 64 forward tiles, two stages, eight warps: 2.8 ms,
 #   against 3.4 ms with Triton's defaults.
-# Heads wider than 256 at this many tokens or more: row-chunked GEMM attention (see wide_attention.py).
+# Heads wider than WIDE_HEAD_DIM at WIDE_ATTENTION_MIN_TOKENS tokens or more: row-chunked GEMM attention
+# (wide_attention.py; one head_dim-512 layer on the H200: 6.0 against FlexAttention's 13.0 ms at 4096 tokens,
+# 2.4 against 4.7 ms at 2048, where the step waits on the host and the GEMM path launches more kernels).
+WIDE_HEAD_DIM = 256
 WIDE_ATTENTION_MIN_TOKENS = 4096
 _HEAD_DIM_512_OPTIONS_SM90 = {
     "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32,
@@ -169,6 +172,12 @@ def select_kernels(mode: str, device_type: str, compute_dtype: str = "bfloat16",
         fused_norm_act=True, compile_layers=sm80 if compile_layers is None else compile_layers, fast_experts=sm80,
         wide_attention_min_tokens=WIDE_ATTENTION_MIN_TOKENS if sm80 else None,
     )
+
+
+def wide_attention_applies(head_dim: int, tokens: int, min_tokens: int | None = WIDE_ATTENTION_MIN_TOKENS) -> bool:
+    """Whether a layer of ``head_dim`` at ``tokens`` per sequence takes the row-chunked GEMM attention
+    (``min_tokens``: the choice's ``wide_attention_min_tokens``; None: never)."""
+    return min_tokens is not None and head_dim > WIDE_HEAD_DIM and tokens >= min_tokens
 
 
 def select_for_device(mode: str, device: Any, dtype: Any, compile_layers: bool | None = None) -> KernelChoice:

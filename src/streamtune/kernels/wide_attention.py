@@ -216,8 +216,7 @@ def _backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
         probs, grad_scores = probs.view(flat, -1, end), grad_scores.view(flat, -1, end)
         grad_values[:, :end] += _matmul(probs.transpose(1, 2), grad_rows)
         grad_keys[:, :end] += _matmul(grad_scores.transpose(1, 2), rows)
-        grad_query[:, :, start:end] = plan.unstack(torch.bmm(grad_scores, keys[:, :end]),
-                                                   start, end)
+        grad_query[:, :, start:end] = plan.unstack(torch.bmm(grad_scores, keys[:, :end]), start, end)
     return (grad_query, grad_keys.view(key.shape).to(key.dtype), grad_values.view(value.shape).to(value.dtype),
             None, None, None)
 

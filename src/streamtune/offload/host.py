@@ -250,8 +250,8 @@ def bind_views(pack: LayerPack, slot: torch.Tensor, workspace: torch.Tensor | No
     """The typed views :func:`bind` needs: each part in ``slot``, each decode output in ``workspace``.
 
     Host work only (about 200 us per 26B int8 layer on a CPU core; on CUDA one small table copy for the batched
-    int8 and nf4 decodes), the same for every use of one slot by one layer: callers may keep them for as long as ``slot``
-    and ``workspace`` live.
+    int8 and nf4 decodes), the same for every use of one slot by one layer: callers may keep them for as long as
+    ``slot`` and ``workspace`` live.
     """
     from streamtune.offload.batch_decode import plan_layer_decode
 

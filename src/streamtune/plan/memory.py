@@ -84,13 +84,12 @@ def layer_backward_transient_bytes(layer: LayerSize, tokens: int, fused: bool = 
 def wide_attention_bytes(layer: LayerSize, tokens: int) -> int:
     """The backward of a head wider than 256 on the fast path at long sequences (row-chunked GEMM attention,
     ``streamtune.kernels.wide_attention``): its chunk workspace plus the q/k/v gradients; 0 elsewhere."""
-    from streamtune.kernels.attention import WIDE_HEAD_DIM
-    from streamtune.kernels.select import WIDE_ATTENTION_MIN_TOKENS
+    from streamtune.kernels.select import wide_attention_applies
     from streamtune.kernels.wide_attention import workspace_bytes
 
     s = layer.shape
     head_dim = s.q_width // max(1, s.num_heads)
-    if head_dim <= WIDE_HEAD_DIM or tokens < WIDE_ATTENTION_MIN_TOKENS:
+    if not wide_attention_applies(head_dim, tokens):
         return 0
     num_kv_heads = max(1, s.kv_width // 2 // head_dim)
     return workspace_bytes(s.num_heads, num_kv_heads, tokens, head_dim) + (s.q_width + s.kv_width) * tokens * ACT_BYTES

@@ -71,11 +71,10 @@ class KernelCosts:
     def layer_attention_efficiency(self, layer: LayerSize, tokens: int) -> float:
         """``attention_efficiency``, or for a head wider than 256 at a sequence long enough for the row-chunked
         GEMM attention (``streamtune.kernels.wide_attention``) ``wide_attention_efficiency`` where set."""
-        from streamtune.kernels.attention import WIDE_HEAD_DIM
-        from streamtune.kernels.select import WIDE_ATTENTION_MIN_TOKENS
+        from streamtune.kernels.select import wide_attention_applies
 
         head_dim = layer.shape.q_width // max(1, layer.shape.num_heads)
-        if self.wide_attention_efficiency and head_dim > WIDE_HEAD_DIM and tokens >= WIDE_ATTENTION_MIN_TOKENS:
+        if self.wide_attention_efficiency and wide_attention_applies(head_dim, tokens):
             return self.wide_attention_efficiency
         return self.attention_efficiency
 
