@@ -33,3 +33,18 @@ def perturb_for_checks(model, seed=7):
             elif "experts" in name and not p.requires_grad:
                 p.mul_(20)
 
+
+
+def lora_model(name, device="cpu", rank=4):
+    """A tiny preset in fp32 with LoRA (alpha 2 x rank) whose B is random (so adapters change outputs)."""
+    from streamtune.config import LoraConfig
+    from streamtune.lora import attach_lora
+    from streamtune.models.build import build_model
+
+    model, adapter = build_model(name, torch.float32, seed=1)
+    model = attach_lora(model, adapter, LoraConfig(rank=rank, alpha=2 * rank), seed=0).to(device)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0, 0.05)
+    return model, adapter

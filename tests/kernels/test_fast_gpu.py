@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
-from streamtune.config import LoraConfig, from_dict
+from streamtune.config import from_dict
 from streamtune.kernels import apply_kernels, calls, reset, select_for_device
-from streamtune.lora import attach_lora
-from streamtune.models.build import build_model
 from streamtune.train import train
 from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+from tests.kernels.steps import lora_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -27,12 +26,7 @@ def _loss_and_grads(model, adapter, batch, kernels):
 @pytest.mark.parametrize("compiled", [False, True], ids=["pieces", "compiled-layers"])
 @pytest.mark.parametrize("name", ["tiny-gemma4", "tiny-llama"])
 def test_fp32_fast_path_matches_eager_on_cuda(name, compiled):
-    model, adapter = build_model(name, torch.float32, seed=1)
-    model = attach_lora(model, adapter, LoraConfig(rank=4, alpha=8), seed=0).cuda()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.normal_(0, 0.05)
+    model, adapter = lora_model(name, "cuda")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (2, 256), generator=gen)
     positions = torch.cat([torch.arange(100), torch.arange(156)]).repeat(2, 1)

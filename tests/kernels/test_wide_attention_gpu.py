@@ -58,19 +58,12 @@ def test_tiny_gemma4_global_layers_through_wide_attention_match_eager_on_cuda(mo
     (and inside compiled layers, where attention is a graph break): loss and LoRA gradients equal the eager ones."""
     import dataclasses
 
-    from streamtune.config import LoraConfig
     from streamtune.kernels import apply_kernels, calls, reset, select, select_for_device
-    from streamtune.lora import attach_lora
-    from streamtune.models.build import build_model
     from streamtune.train.loss import count_valid_tokens, lm_loss_sum
+    from tests.kernels.steps import lora_model
 
     monkeypatch.setattr(select, "WIDE_HEAD_DIM", 16)
-    model, adapter = build_model("tiny-gemma4", torch.float32, seed=1)
-    model = attach_lora(model, adapter, LoraConfig(rank=4, alpha=8), seed=0).cuda()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model, adapter = lora_model("tiny-gemma4", "cuda")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, 512), generator=gen)
     positions = torch.cat([torch.arange(300), torch.arange(212)])[None]
