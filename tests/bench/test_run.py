@@ -61,3 +61,7 @@ def test_note_gives_the_step_spread_and_allocator_retries():
     assert line.endswith("streamed 9, steps 0.314-0.412 s, 3 allocator retries"), line
     row["extra"] = {"num_streamed": 9, "alloc_retries": 0}
     assert format_report({"link": {}, "results": [row]}).splitlines()[1].endswith("streamed 9")
+    row["extra"] = {"num_streamed": 14, "kernel_calls": {"wide_attention": 105, "batched_int8_decode": 420,
+                                                         "flex_attention": 630}, "counted_steps": 7}
+    line = format_report({"link": {}, "results": [row]}).splitlines()[1]
+    assert line.endswith("streamed 14, wide attention 15/step, int8 decode launches 60/step"), line

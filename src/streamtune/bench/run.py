@@ -141,7 +141,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _note(extra: dict[str, Any]) -> str:
-    """Streamed layers, the timed steps' spread, and allocator retries (each one a device-wide sync)."""
+    """Streamed layers, the timed steps' spread, allocator retries (each one a device-wide sync) and, per step, the
+    calls of the pieces that prove the fast path ran (wide-head attention, batched decodes)."""
     from streamtune.bench.common import WARMUP_STEPS
 
     parts = [f"streamed {extra['num_streamed']}"] if "num_streamed" in extra else []
@@ -150,6 +151,11 @@ def _note(extra: dict[str, Any]) -> str:
         parts.append(f"steps {min(timed):.3f}-{max(timed):.3f} s")
     if extra.get("alloc_retries"):
         parts.append(f"{extra['alloc_retries']} allocator retries")
+    calls, steps = extra.get("kernel_calls") or {}, extra.get("counted_steps") or 0
+    for key, label in (("wide_attention", "wide attention"), ("batched_int8_decode", "int8 decode launches"),
+                       ("batched_nf4_decode", "nf4 decode launches")):
+        if calls.get(key) and steps:
+            parts.append(f"{label} {calls[key] / steps:.0f}/step")
     return ", ".join(parts)
 
 

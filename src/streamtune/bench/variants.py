@@ -77,6 +77,8 @@ def _run_lengths(name: str, tokens_list: list[int], num_steps: int, step_for: An
 
 def run_streamtune(args: Any) -> list[StepResult]:
     """Our engine under the cap at each length, then the same model resident on the uncapped GPU."""
+    from streamtune.kernels.counters import CALLS
+    from streamtune.kernels.counters import reset as reset_counters
     from streamtune.models.adapters import adapter_for
     from streamtune.models.build import LazyPreset
     from streamtune.offload import StreamEngine
@@ -109,6 +111,7 @@ def run_streamtune(args: Any) -> list[StepResult]:
                          kernels=getattr(args, "kernels", "eager"))
         engine.set_streamed(plan.streamed_indices)
         engine.step_metrics()
+        reset_counters()  # the fast pieces this length runs, counted over its warm-up and timed steps
         return {**host, "num_streamed": len(plan.streamed_indices), "predicted_step_s": plan.step_seconds,
                 "active_params": plan.active_params,
                 "predicted_gpu_peak_bytes": plan.gpu_peak_bytes, "predicted_tensor_peak_bytes": plan.tensor_peak_bytes,
@@ -120,7 +123,8 @@ def run_streamtune(args: Any) -> list[StepResult]:
         return lambda: _our_step(model, adapter, batch, opt, args.loss_chunk_tokens, kernels)
 
     results = _run_lengths("streamtune", args.tokens, args.steps, step_for, place,
-                           lambda tokens: {"transfer": engine.step_metrics()})
+                           lambda tokens: {"transfer": engine.step_metrics(), "kernel_calls": dict(CALLS),
+                                           "counted_steps": args.steps + WARMUP_STEPS})
     for result in results:
         _attach_transfer(result, args.steps + WARMUP_STEPS)
     if args.skip_resident:
