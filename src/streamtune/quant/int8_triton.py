@@ -49,14 +49,11 @@ def int8_decode_triton(q_rows: torch.Tensor, scale: torch.Tensor, out_rows: torc
                               BLOCK_C=BLOCK_COLS, num_warps=NUM_WARPS)
 
 
-# Columns of the per-tensor table of int8_decode_many: int8 offset, scale offset and output offset (in elements of
-# their buffers), rows, columns, and the tensor's first tile in the launch grid.
-TABLE_COLUMNS = 6
-
-
 @triton.jit
 def _int8_decode_many_kernel(q_ptr, scale_ptr, out_ptr, table_ptr, num_tensors,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MAX_T: tl.constexpr):
+    """Table rows ``[int8 offset, scale offset, output offset (elements of their buffers), rows, columns, first
+    tile]``; one program decodes one ``[BLOCK_R, BLOCK_C]`` tile of one tensor."""
     pid = tl.program_id(0).to(tl.int64)
     entry = table_entry(table_ptr, num_tensors, pid, 6, MAX_T)  # every access below is masked by its sizes
     q_off, scale_off, out_off = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
@@ -81,7 +78,7 @@ def int8_decode_many(q_bytes: torch.Tensor, scales: torch.Tensor, out: torch.Ten
         q_bytes: the int8 view of the buffer holding every tensor's values.
         scales: a float32 view of the buffer holding every tensor's row scales.
         out: the output buffer (one dtype) holding every decoded tensor.
-        table: int64 ``[tensors, TABLE_COLUMNS]`` on the device, built by the caller and checked against the
+        table: int64 ``[tensors, 6]`` on the device (see the kernel), built by the caller and checked against the
             buffers' sizes (see ``streamtune.offload.batch_decode``).
         total_tiles: the sum of ``streamtune.quant.tiles.num_tiles`` over the tensors.
     """
