@@ -100,6 +100,10 @@ class TrainConfig:
     eval_every: int = _f(0, "Evaluate every N steps (0: only at the end when there is eval data).")
     eval_batches: int = _f(8, "Batches per evaluation.")
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    gc_every_steps: int = _f(50, "Python garbage collection between steps: after the first step, freeze what "
+                                 "exists, turn automatic collection off and collect the young generations every "
+                                 "N steps (a collection inside a host-bound step adds to it); 0: Python's "
+                                 "automatic collection.")
     keep_checkpoints: int = _f(0, "Checkpoints kept: the newest N plus the best eval one (0: keep all).")
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
@@ -335,7 +339,8 @@ def validate(cfg: RunConfig) -> list[str]:
     _check_min(p, "memory.prefetch", cfg.memory.prefetch, 0)
     t = cfg.train
     for key, minimum in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("loss_chunk_tokens", 1),
-                         ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("keep_checkpoints", 0), ("eval_batches", 1),
+                         ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("keep_checkpoints", 0),
+                         ("eval_batches", 1), ("gc_every_steps", 0),
                          ("lr", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0)):
         _check_min(p, f"train.{key}", getattr(t, key), minimum)
     if not 0.0 <= t.min_lr_ratio <= 1.0:

@@ -5,6 +5,7 @@ Every benchmark reports ratios measured in one run on one card; nothing here run
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,22 +92,36 @@ def random_batch(tokens: int, vocab: int, device: Any, seed: int = 0) -> dict[st
 WARMUP_STEPS = 2
 
 
-def timed_steps(step_fn: Any, num_steps: int, num_warmup: int = WARMUP_STEPS) -> tuple[float, float, list[float]]:
+def timed_steps(step_fn: Any, num_steps: int, num_warmup: int = WARMUP_STEPS, gc_every_steps: int = 0,
+                stats: dict[str, Any] | None = None) -> tuple[float, float, list[float]]:
     """Run ``step_fn()`` (returns the loss) warmup + timed times.
 
     Two warm-up steps: the first compiles the forward and backward graphs and creates the optimizer state;
-    the second is the first that runs as every later one does.
+    the second is the first that runs as every later one does. Garbage collection between steps follows
+    ``train.gc_every_steps`` as training does (:class:`streamtune.stepgc.StepCollector`; its collections are
+    outside the timed steps, as they are between training steps); ``stats`` receives the seconds Python's
+    collector spent inside the timed steps (``gc_in_steps_s``) and how many collections that was.
 
     Returns:
         (median seconds of the timed steps, last loss, seconds of every step, warm-ups first).
     """
+    from streamtune.stepgc import GcPauses, StepCollector
+
     times, loss = [], float("nan")
-    for _ in range(num_warmup + num_steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = float(step_fn())
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    collector, pauses = StepCollector(gc_every_steps), GcPauses()
+    try:
+        for index in range(num_warmup + num_steps):
+            torch.cuda.synchronize()
+            with pauses if index >= num_warmup else contextlib.nullcontext():
+                start = time.perf_counter()
+                loss = float(step_fn())
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            collector.after_step(index + 1)
+    finally:
+        collector.close()
+    if stats is not None:
+        stats.update(gc_in_steps_s=round(pauses.seconds, 4), gc_in_steps=pauses.count)
     return statistics.median(times[num_warmup:]), loss, times
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streamtune.config import TrainConfig
+
 DEFAULT_VARIANTS = "streamtune,accelerate,fsdp2"
 
 
@@ -33,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024)
     parser.add_argument("--kernels", default="auto", choices=["auto", "eager"],
                         help="train.kernels of the streamtune and resident variants (auto: the fast path)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per length (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per length (after two warm-ups)")
+    parser.add_argument("--gc-every-steps", type=int, default=TrainConfig.gc_every_steps,
+                        help="train.gc_every_steps of the streamtune and resident variants (0: Python's automatic "
+                             "garbage collection, inside the steps)")
     parser.add_argument("--baseline-steps", type=int, default=1, help="timed steps of the slow baselines")
     parser.add_argument("--accelerate-headroom-gib", type=float, default=8.0,
                         help="GPU memory the accelerate recipe leaves for activations (max_memory = cap - this)")
@@ -66,7 +71,7 @@ def _child_argv(args: argparse.Namespace, variant: str, out: str, link: dict[str
     argv = [sys.executable, "-m", "streamtune.bench.run", "--child", variant, "--child-out", out,
             "--link-json", json.dumps(link)]
     for key in ("model", "tokens", "gpu_budget_gib", "codec", "lora_rank", "ring_slots", "prefetch",
-                "loss_chunk_tokens", "kernels", "steps", "baseline_steps", "accelerate_headroom_gib", "num_layers"):
+                "loss_chunk_tokens", "kernels", "steps", "gc_every_steps", "baseline_steps", "accelerate_headroom_gib", "num_layers"):
         value = getattr(args, key)
         if value is not None:
             argv += ["--" + key.replace("_", "-"), str(value)]

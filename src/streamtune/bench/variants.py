@@ -47,8 +47,9 @@ def _hf_step(model: Any, batch: dict, opt: Any) -> Any:
 
 
 def _run_lengths(name: str, tokens_list: list[int], num_steps: int, step_for: Any, before: Any = None,
-                 after: Any = None) -> list[StepResult]:
-    """Time ``step_for(tokens)`` at each length; ``before``/``after(tokens)`` return extra fields."""
+                 after: Any = None, gc_every_steps: int = 0) -> list[StepResult]:
+    """Time ``step_for(tokens)`` at each length; ``before``/``after(tokens)`` return extra fields;
+    ``gc_every_steps``: garbage collection between steps as ``train.gc_every_steps`` (0: Python's own)."""
     results = []
     for tokens in tokens_list:
         result = StepResult(name, tokens)
@@ -56,9 +57,12 @@ def _run_lengths(name: str, tokens_list: list[int], num_steps: int, step_for: An
             extra = before(tokens) if before else {}
             torch.cuda.reset_peak_memory_stats()
             retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
-            step_s, loss, times = timed_steps(step_for(tokens), num_steps)
+            gc_stats: dict[str, Any] = {}
+            step_s, loss, times = timed_steps(step_for(tokens), num_steps, gc_every_steps=gc_every_steps,
+                                              stats=gc_stats)
             result.step_s, result.tok_s, result.loss = step_s, tokens / step_s, loss
             result.extra["step_times_s"] = [round(t, 4) for t in times]
+            result.extra.update(gc_stats, gc_every_steps=gc_every_steps)
             # near the cap the caching allocator frees its cache and retries (a device-wide sync each time)
             result.extra["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
             result.extra["gpu_reserved_peak_bytes"] = torch.cuda.max_memory_reserved()
@@ -124,7 +128,8 @@ def run_streamtune(args: Any) -> list[StepResult]:
 
     results = _run_lengths("streamtune", args.tokens, args.steps, step_for, place,
                            lambda tokens: {"transfer": engine.step_metrics(), "kernel_calls": dict(CALLS),
-                                           "counted_steps": args.steps + WARMUP_STEPS})
+                                           "counted_steps": args.steps + WARMUP_STEPS},
+                           gc_every_steps=args.gc_every_steps)
     for result in results:
         _attach_transfer(result, args.steps + WARMUP_STEPS)
     if args.skip_resident:
@@ -132,7 +137,7 @@ def run_streamtune(args: Any) -> list[StepResult]:
     # Resident: decode every layer onto the uncapped GPU (the host buffers are the only copy).
     cap_gpu_memory(None)
     engine.set_streamed([])
-    results += _run_lengths("resident", args.tokens, args.steps, step_for)
+    results += _run_lengths("resident", args.tokens, args.steps, step_for, gc_every_steps=args.gc_every_steps)
     return results
 
 

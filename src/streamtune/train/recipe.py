@@ -24,6 +24,7 @@ from typing import Any
 
 from streamtune.errors import InputError, StreamtuneError
 from streamtune.hostmem import peak_rss_bytes, rss_bytes, settle_heap
+from streamtune.stepgc import StepCollector
 from streamtune.train import checkpoint as ckpt
 from streamtune.train import outputs
 from streamtune.train.guard import StepStart, StopSignals, non_finite_error, stopped_error
@@ -119,6 +120,7 @@ class Recipe:
         self.logger: MetricsLogger | None = None
         self.placement: Any = None
         self.signals: StopSignals | None = None
+        self.collector = StepCollector(0)
         self.start_step = 0
         self.dist: Any = None
         self.last_saved_step: int | None = None
@@ -326,6 +328,19 @@ class Recipe:
         started = time.perf_counter()
         batches = iter(self.train_loader)
         self.signals = StopSignals().install()
+        self.collector = StepCollector(t.gc_every_steps)
+        try:
+            self._steps(result, batches)
+        finally:
+            self.collector.close()
+        self.save_adapter()
+        result.wall_s = time.perf_counter() - started
+        result.model = self.model
+        return result
+
+    def _steps(self, result: TrainResult, batches: Any) -> None:
+        """The optimizer steps of :meth:`loop`, each logged, evaluated and checkpointed when due."""
+        t = self.cfg.train
         for step in range(self.start_step + 1, t.max_steps + 1):
             start = self._step_start()
             record = self._train_step(step, batches, start)
@@ -339,14 +354,11 @@ class Recipe:
             if due(step, t.save_every, t.max_steps, at_end=True):
                 self.save_checkpoint(step)
             self.on_step_end(step)
+            self.collector.after_step(step)  # the first call collects and freezes the compile garbage
             if step == self.start_step + 1:
-                settle_heap()  # the first step's compile garbage, once (host RAM per rank)
+                settle_heap()  # then the freed heap goes back to the OS, once (host RAM per rank)
             if step < t.max_steps and self._stop_requested():
                 self._stop(step)
-        self.save_adapter()
-        result.wall_s = time.perf_counter() - started
-        result.model = self.model
-        return result
 
     def _stop_requested(self) -> bool:
         """A stop signal reached this rank, or (under torchrun) any rank: all ranks stop after the same step."""
