@@ -162,9 +162,46 @@ def _traced(method: Any, phase: str, rank: str) -> Any:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = method(self, *args, **kwargs)
         print(f"[rank {rank} memory after {phase.strip('_')}] {_memory_brief()}", flush=True)
+        if phase == "_attach_and_place":
+            print(f"[rank {rank} topology] {_topology_brief()}", flush=True)
         return result
 
     return run
+
+
+def _topology_brief() -> str:
+    """Where this rank runs: its GPU's NUMA node, the NUMA nodes of the shared packed weights' pages, its CPUs
+    and threads. Two ranks streaming from one host copy: a GPU on the other socket reads across the socket link."""
+    import torch
+
+    parts = []
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        address = (f"{getattr(props, 'pci_domain_id', 0):04x}:{getattr(props, 'pci_bus_id', 0):02x}:"
+                   f"{getattr(props, 'pci_device_id', 0):02x}.0")
+        node = Path(f"/sys/bus/pci/devices/{address}/numa_node")
+        parts.append(f"GPU {address} NUMA node {node.read_text().strip() if node.is_file() else '?'}")
+    maps = Path("/proc/self/numa_maps")
+    pages = _shm_pages_per_node(maps.read_text()) if maps.is_file() else {}
+    parts.append("shared weights " + (", ".join(f"node {n} {b / 1e9:.2f} GB" for n, b in sorted(pages.items()))
+                                      or "not mapped"))
+    parts.append(f"CPUs {len(os.sched_getaffinity(0))}, torch threads {torch.get_num_threads()}, "
+                 f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    return "; ".join(parts)
+
+
+def _shm_pages_per_node(numa_maps: str) -> dict[int, int]:
+    """Bytes per NUMA node of the ``/dev/shm`` mappings in a ``/proc/<pid>/numa_maps`` text."""
+    by_node: dict[int, int] = {}
+    for line in numa_maps.splitlines():
+        if "/dev/shm/" not in line:
+            continue
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        page_bytes = int(fields.get("kernelpagesize_kB", "4")) * 1024
+        for key, value in fields.items():
+            if key[:1] == "N" and key[1:].isdigit():
+                by_node[int(key[1:])] = by_node.get(int(key[1:]), 0) + int(value) * page_bytes
+    return by_node
 
 
 def _report_private_memory(config_path: Path) -> None:

@@ -28,7 +28,7 @@ def test_collector_freezes_after_the_first_step_and_collects_every_n(gc_restored
     collector.after_step(1)
     assert collector.active and not gc.isenabled() and gc.get_freeze_count() > 0
     with GcPauses() as pauses:
-        collector.after_step(2)  # 2 % 2 == 0: one collection of the young generations
+        collector.after_step(2)  # 2 % 2 == 0: one collection of what is not frozen
         collector.after_step(3)
         collector.after_step(4)
     assert collector.num_collections == 2 and pauses.count == 2 and pauses.seconds > 0
@@ -44,6 +44,11 @@ def test_cycles_made_between_collections_are_freed_by_the_next_one(gc_restored):
         _Cycle()
     assert sum(isinstance(o, _Cycle) for o in gc.get_objects()) == before + 100  # automatic collection is off
     collector.after_step(2)
+    assert sum(isinstance(o, _Cycle) for o in gc.get_objects()) == before
+    survivor = _Cycle()
+    collector.after_step(3)  # it survives this collection (the oldest generation now holds it) ...
+    del survivor
+    collector.after_step(4)  # ... and becomes garbage later: the next collection frees it too
     assert sum(isinstance(o, _Cycle) for o in gc.get_objects()) == before
     collector.close()
 

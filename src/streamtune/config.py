@@ -101,7 +101,7 @@ class TrainConfig:
     eval_batches: int = _f(8, "Batches per evaluation.")
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
     gc_every_steps: int = _f(50, "Python garbage collection between steps: after the first step, freeze what "
-                                 "exists, turn automatic collection off and collect the young generations every "
+                                 "exists, turn automatic collection off and collect what is not frozen every "
                                  "N steps (a collection inside a host-bound step adds to it); 0: Python's "
                                  "automatic collection.")
     keep_checkpoints: int = _f(0, "Checkpoints kept: the newest N plus the best eval one (0: keep all).")

@@ -7,7 +7,9 @@ collection 243 ms on a 2-core CI-class CPU), and the first step's compiles (FX g
 guards) add more. At 2048 tokens of the 26B preset the step is host-bound: the host's issue time *is* the
 step time (0.32-0.42 s between steps on an H200), and a collection inside it is added to the step. Solution (as torchtitan's ``GarbageCollection``): once the first
 step has compiled, freeze what exists (``gc.freeze``: never walked again), turn automatic collection off
-and collect the young generations between steps, every ``every_steps`` steps. Reference cycles made by a
+and collect between steps, every ``every_steps`` steps. That collection is a full one: frozen objects are not
+walked, so it costs what the steps since the last one left, and an object that outlived one collection and
+became garbage later is found too (a young-generation collection would leave it). Reference cycles made by a
 step are then freed late, not leaked; the policy is undone at the end.
 """
 
@@ -65,7 +67,7 @@ class StepCollector:
 
     def after_step(self, step: int) -> None:
         """Call between steps: the first call freezes what setup and the first step made; later calls
-        collect generation 1 every ``every_steps`` steps."""
+        collect (all generations but the frozen objects) every ``every_steps`` steps."""
         if not self.every_steps:
             return
         if not self._frozen:
@@ -74,7 +76,7 @@ class StepCollector:
             gc.disable()
             self._frozen = True
         elif step % self.every_steps == 0:
-            gc.collect(1)
+            gc.collect()
             self.num_collections += 1
 
     def close(self) -> None:

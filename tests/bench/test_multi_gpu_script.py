@@ -30,3 +30,11 @@ def test_rank_times_are_medians_per_rank_without_the_first_step():
     times = multi_gpu._rank_times(log)
     assert times["0"] == {"step_s": 0.9, "micro_batches_s": 0.8}
     assert times["1"] == {"step_s": 0.93, "micro_batches_s": 0.75}
+
+
+def test_shared_weight_pages_are_summed_per_numa_node():
+    maps = ("7f0000000000 default file=/dev/shm/streamtune-1/0.bin mapped=4 N0=3 N1=1 kernelpagesize_kB=4\n"
+            "7f1000000000 default anon=10 dirty=10 N0=10 kernelpagesize_kB=4\n"
+            "7f2000000000 bind:1 file=/dev/shm/streamtune-1/1.bin mapped=2 N1=2 kernelpagesize_kB=2048\n")
+    assert multi_gpu._shm_pages_per_node(maps) == {0: 3 * 4096, 1: 4096 + 2 * 2 * 2**20}
+    assert "shared weights" in multi_gpu._topology_brief()

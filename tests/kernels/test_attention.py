@@ -164,7 +164,7 @@ def test_a_kernel_that_cannot_compile_falls_back_to_dense_with_a_warning(monkeyp
     assert calls("flex_dense_fallback") == model.config.num_hidden_layers
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     use_flex_attention(model, select_kernels("auto", "cuda", "float32", (9, 0)))
-    assert not attention._STATE["broken"]
+    assert not attention.FALLBACK.broken
 
 
 def test_attention_is_a_graph_break_inside_a_compiled_layer():

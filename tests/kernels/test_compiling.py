@@ -94,7 +94,8 @@ def test_a_compiled_piece_lets_checkpoint_early_stop_through(monkeypatch):
     from streamtune.kernels import fused
 
     torch._dynamo.reset()
-    monkeypatch.setattr(fused, "_STATE", {"compiled": {}, "broken": False})
+    monkeypatch.setattr(fused, "_STATE", {"compiled": {}})
+    monkeypatch.setattr(fused, "FALLBACK", compiling.CompileFallback("fused", "eager"))
     monkeypatch.setattr(compiling, "compile_fn", lambda fn, dynamic: torch.compile(fn, backend="aot_eager"))
     weight = torch.randn(16)
 
@@ -104,5 +105,30 @@ def test_a_compiled_piece_lets_checkpoint_early_stop_through(monkeypatch):
     x = torch.randn(4, 16, requires_grad=True)
     checkpoint(block, x, use_reentrant=False).square().sum().backward()
     expected = torch.autograd.grad(rms_norm_scaled(x * 2, weight, 1e-6, 1.0).square().sum(), x)[0]
-    assert not fused._STATE["broken"]
+    assert not fused.FALLBACK.broken
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_fallback_warns_once_runs_eager_after_a_failure_and_reraises_what_is_not_one():
+    from torch.utils.checkpoint import _StopRecomputationError
+
+    fallback = compiling.CompileFallback("the piece", "it runs eagerly (x=y silences this)")
+    tries = []
+
+    def failing(value):
+        tries.append(value)
+        raise RuntimeError("InductorError: no compiler")
+
+    assert fallback.run(lambda v: v + 1, lambda v: v - 1, 1) == 2 and not fallback.broken
+    with pytest.warns(RuntimeWarning, match=r"the piece could not be compiled here \(RuntimeError: Inductor.*x=y"):
+        assert fallback.run(failing, lambda v: v - 1, 5) == 4
+    assert fallback.run(failing, lambda v: v - 1, 6) == 5 and tries == [5]  # not tried again
+    assert fallback.broken and "no compiler" in fallback.failure
+    fallback.reset()
+    for control_flow in (_StopRecomputationError(), torch.OutOfMemoryError("CUDA out of memory")):
+        def raising(value, exc=control_flow):
+            raise exc
+
+        with pytest.raises(type(control_flow)):
+            fallback.run(raising, lambda v: v, 0)
+        assert not fallback.broken

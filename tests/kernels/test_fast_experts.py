@@ -9,6 +9,7 @@ import torch
 
 from streamtune.config import LoraConfig
 from streamtune.kernels import apply_kernels, calls, reset, select_kernels
+from streamtune.kernels.compiling import CompileFallback
 from streamtune.kernels.experts import combine_routed, restore_stock_experts, route, use_fast_experts
 from streamtune.lora import attach_lora
 from streamtune.models.build import build_model
@@ -121,12 +122,15 @@ def test_a_failing_compiled_combine_warns_once_and_runs_eagerly(monkeypatch):
     ref_loss, _ = loss_and_grads(model, adapter, batch)
     use_fast_experts(model, "loop")
 
+    tries = []
+
     def refuse():
+        tries.append(1)
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(experts, "_compiled_combine", refuse)
-    monkeypatch.setattr(experts, "_COMBINE_FAILURE", [])
-    with pytest.warns(RuntimeWarning, match="compiled combine failed.*uncompiled"):
+    monkeypatch.setattr(experts, "COMBINE_FALLBACK", CompileFallback("the experts' combine", "it runs uncompiled"))
+    with pytest.warns(RuntimeWarning, match="combine could not be compiled.*uncompiled"):
         loss, _ = loss_and_grads(model, adapter, batch)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    assert len(experts._COMBINE_FAILURE) == 1  # tried once, not once per layer
+    assert len(tries) == 1 and experts.COMBINE_FALLBACK.broken  # tried once, not once per layer

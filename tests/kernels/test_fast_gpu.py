@@ -56,8 +56,8 @@ def _fallback_state():
     from streamtune.kernels import attention, experts, fused
     from streamtune.kernels.counters import CALLS
 
-    return {"attention_broken": attention._STATE["broken"], "fused_broken": fused._STATE["broken"],
-            "combine_failure": list(experts._COMBINE_FAILURE), "calls": dict(CALLS)}
+    return {"attention_broken": attention.FALLBACK.broken, "fused_broken": fused.FALLBACK.broken,
+            "combine_failure": experts.COMBINE_FALLBACK.failure, "calls": dict(CALLS)}
 
 
 @pytest.mark.parametrize("stream", ["none", "all"])
@@ -88,7 +88,7 @@ def test_recipe_regional_layer_compile_composes_with_checkpointing_and_streaming
                                             "compile_layers": True}, memory={"stream": stream})
     reset()
     result = train(from_dict(raw))
-    assert calls("compiled_layer") > 0 and not regional._STATE["broken"] and not fused._STATE["broken"]
+    assert calls("compiled_layer") > 0 and not regional.FALLBACK.broken and not fused.FALLBACK.broken
     kernels = json.loads((tmp_path / "run" / "placement.json").read_text())["kernels"]
     assert kernels["compile_layers"] is True and kernels["compiled_layers"] > 0
     raw = run_dict(tmp_path / "eager", train={"device": "cuda", "max_steps": 1, "kernels": "eager"},

@@ -9,6 +9,7 @@ import torch
 
 from streamtune.kernels import apply_kernels, calls, reset, select_kernels
 from streamtune.kernels import fused
+from streamtune.kernels.compiling import CompileFallback
 from streamtune.kernels.fused import (fused_norm_forward, norm_convention, restore_stock_norms_and_activation,
                                       use_fused_activation, use_fused_norms)
 
@@ -94,7 +95,7 @@ def test_compiled_fused_norms_and_activation_equal_stock_and_compile_a_bounded_n
             fused.run_fused(act, f_gate, f_up).square().sum().backward()
             torch.testing.assert_close(f_gate.grad, gate.grad, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(f_up.grad, up.grad, rtol=1e-5, atol=1e-5)
-    assert not fused._STATE["broken"]
+    assert not fused.FALLBACK.broken
     assert calls("rms_norm_scaled") == 2 * 31 and calls("rms_norm_plain") == 2 and calls("gelu_tanh_mul") == 2
     assert calls("fused_compiled") == calls("rms_norm_scaled") + calls("rms_norm_plain") + 4
     # scaled (with/without offset folded as an input), plain, two activations; a few specialisations at most
@@ -105,7 +106,8 @@ def test_compile_failure_warns_once_and_runs_uncompiled(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(fused, "_STATE", {"compiled": {}, "broken": False})
+    monkeypatch.setattr(fused, "_STATE", {"compiled": {}})
+    monkeypatch.setattr(fused, "FALLBACK", CompileFallback("fused norms/activations", "uncompiled"))
     monkeypatch.setattr(torch, "compile", broken)
     norm = _gemma4_norm(8)
     norm._streamtune_norm_offset = 0.0
@@ -118,7 +120,7 @@ def test_compile_failure_warns_once_and_runs_uncompiled(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused_norm_forward(norm, x)
-    assert fused._STATE["broken"]
+    assert fused.FALLBACK.broken
 
 
 def test_apply_patches_every_gemma4_norm_and_mlp_only_when_selected():

@@ -150,6 +150,7 @@ def test_an_elementwise_kernel_that_cannot_compile_runs_eagerly_with_a_warning(m
 
     monkeypatch.setattr(compiling, "compile_fn", lambda fn, dynamic: broken)
     monkeypatch.setattr(wide_attention, "_COMPILED", {})
+    monkeypatch.setattr(wide_attention, "FALLBACK", compiling.CompileFallback("wide", "eager"))
     fn = wide_attention._elementwise("softmax", wide_attention._softmax_rows, "cuda")
     scores, keep = torch.randn(1, 1, 2, 4, 6), torch.ones(1, 1, 1, 4, 6, dtype=torch.bool)
     with pytest.warns(RuntimeWarning, match="could not be compiled"):

@@ -74,7 +74,8 @@ def test_kernels_line_names_the_pieces_and_the_first_steps_compile():
 
     h200 = select_kernels("auto", "cuda", "bfloat16", (9, 0))
     line = kernels_line(h200, {"compiled_layers": 30})
-    assert line.startswith("kernels: auto (FlexAttention, fused loss, LoRA in the compute dtype, fused norms and "
+    assert line.startswith("kernels: auto (FlexAttention, heads wider than 256 as chunked GEMMs from 4096 tokens, "
+                           "fused loss, LoRA in the compute dtype, fused norms and "
                            "activations, routed experts); 30 decoder layers compiled"), line
     assert "first step also compiles" in line
     assert kernels_line(select_kernels("eager", "cuda", "bfloat16", (9, 0))) == "kernels: eager (the stock HF/PEFT path)"

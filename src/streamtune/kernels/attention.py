@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamtune.kernels.compiling import is_compile_failure
+from streamtune.kernels.compiling import CompileFallback
 from streamtune.kernels.counters import count
 
 FLEX_NAME = "streamtune_flex"
-_STATE: dict[str, Any] = {"choice": None, "compiled": None, "broken": False}
+_STATE: dict[str, Any] = {"choice": None, "compiled": None}
+FALLBACK = CompileFallback("FlexAttention", "attention falls back to SDPA with dense masks (train.kernels=eager "
+                           "silences this)")
 # One default FlexAttention mask block: shorter queries go to SDPA with a dense mask (see dense_attention).
 MIN_FLEX_QUERY_TOKENS = 128
 
@@ -67,7 +69,7 @@ def flex_attention_forward(module: Any, query: Any, key: Any, value: Any, attent
     if enable_gqa and heads & (heads - 1):  # the GQA kernels need a power-of-two head count
         key, value = _repeat_kv(key, heads // kv_heads), _repeat_kv(value, heads // kv_heads)
         enable_gqa = False
-    if query.shape[2] < MIN_FLEX_QUERY_TOKENS or _STATE["broken"]:
+    if query.shape[2] < MIN_FLEX_QUERY_TOKENS or FALLBACK.broken:
         out = dense_attention(query, key, value, attention_mask, scaling, enable_gqa)
     else:
         out = _flex_or_dense(query, key, value, attention_mask, scaling, enable_gqa)
@@ -87,21 +89,14 @@ def _use_wide(module: Any, query: Any, key: Any) -> bool:
 
 def _flex_or_dense(query: Any, key: Any, value: Any, block_mask: Any, scaling: float | None, enable_gqa: bool) -> Any:
     """The compiled FlexAttention kernel; if it cannot be compiled here, warn once and go dense from now on."""
-    import warnings
+    return FALLBACK.run(_flex, dense_attention, query, key, value, block_mask, scaling, enable_gqa)
 
+
+def _flex(query: Any, key: Any, value: Any, block_mask: Any, scaling: float | None, enable_gqa: bool) -> Any:
     choice = _STATE["choice"]
     options = choice.kernel_options(query.shape[-1]) if choice is not None else None
-    try:
-        return _flex_kernel(query.device.type)(query, key, value, block_mask=block_mask, scale=scaling,
-                                               enable_gqa=enable_gqa, kernel_options=options)
-    except Exception as exc:  # Inductor/Triton lowering errors have no common public base class
-        if not is_compile_failure(exc):
-            raise
-        _STATE["broken"] = True
-        warnings.warn(f"streamtune: FlexAttention could not be compiled on this device ({type(exc).__name__}: "
-                      f"{str(exc)[:200]}); attention falls back to SDPA with dense masks (train.kernels=eager "
-                      "silences this)", RuntimeWarning, stacklevel=2)
-        return dense_attention(query, key, value, block_mask, scaling, enable_gqa)
+    return _flex_kernel(query.device.type)(query, key, value, block_mask=block_mask, scale=scaling,
+                                           enable_gqa=enable_gqa, kernel_options=options)
 
 
 def dense_attention(query: Any, key: Any, value: Any, block_mask: Any, scaling: float | None, enable_gqa: bool) -> Any:
@@ -194,7 +189,7 @@ def use_flex_attention(model: Any, choice: Any) -> str:
         raise ValueError(f"{type(base).__name__} does not support FlexAttention; use train.kernels=eager")
     register_flex()
     _STATE["choice"] = choice
-    _STATE["broken"] = False
+    FALLBACK.reset()
     previous = base.config._attn_implementation
     _set_implementation(base, FLEX_NAME)
     return previous

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from streamtune.kernels.binding import unbind_forwards
-from streamtune.kernels.compiling import is_compile_failure
+from streamtune.kernels.compiling import CompileFallback
 from streamtune.kernels.counters import count
 
 _PATCH_FLAG = "_streamtune_fast_expert_lora"
@@ -239,23 +239,19 @@ def _compiled_combine() -> Any:
 
 
 _COMPILED: dict[str, Any] = {}
-# why the compiled combine was given up for this process (empty: it has not failed)
-_COMBINE_FAILURE: list[str] = []
+COMBINE_FALLBACK = CompileFallback("the experts' combine", "it runs uncompiled from now on")
 
 
 def _combine(proj: Any, top_k_weights: Any, inverse: Any, perm: Any, compiled: bool) -> Any:
     """:func:`combine_routed`, compiled when asked; on a compile failure warn once and run it eagerly from then on
     (inside a compiled region it is traced into the region's graph)."""
-    if compiled and not _COMBINE_FAILURE and not torch.compiler.is_compiling():
-        try:
-            return _compiled_combine()(proj, top_k_weights, inverse, perm)
-        except Exception as exc:  # Dynamo/Inductor/C++ compiler errors have no common public base class
-            if not is_compile_failure(exc):
-                raise
-            _COMBINE_FAILURE.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-            warnings.warn(f"streamtune: the experts' compiled combine failed ({_COMBINE_FAILURE[0]}); it runs "
-                          "uncompiled from now on", RuntimeWarning, stacklevel=2)
+    if compiled and not torch.compiler.is_compiling():
+        return COMBINE_FALLBACK.run(_run_compiled_combine, combine_routed, proj, top_k_weights, inverse, perm)
     return combine_routed(proj, top_k_weights, inverse, perm)
+
+
+def _run_compiled_combine(*args: Any) -> Any:
+    return _compiled_combine()(*args)
 
 
 def _chain(wrapper: Any) -> tuple[list[Any], Any]:

@@ -21,17 +21,18 @@ functions run uncompiled from then on. Imported lazily: it imports torch.
 from __future__ import annotations
 
 import copy
+import functools
 import types
-import warnings
 from typing import Any, Callable
 
 import torch
 
 from streamtune.kernels.binding import unbind_forwards
-from streamtune.kernels.compiling import is_compile_failure
+from streamtune.kernels.compiling import CompileFallback
 from streamtune.kernels.counters import count
 
-_STATE: dict[str, Any] = {"compiled": {}, "broken": False}
+_STATE: dict[str, Any] = {"compiled": {}}
+FALLBACK = CompileFallback("fused norms/activations", "they run uncompiled (train.kernels=eager silences this)")
 _CONVENTIONS: dict[type, float | None] = {}
 _NORM_FLAG = "_streamtune_fused_norm"
 _ACT_FLAG = "_streamtune_fused_act"
@@ -85,19 +86,13 @@ def run_fused(name: str, *args: Any) -> torch.Tensor:
     if torch.compiler.is_compiling():  # inside a compiled layer: traced into the layer's graph
         return _FUNCTIONS[name](*args)
     count(name)
-    if not _STATE["broken"]:
-        try:
-            out = compiled(name)(*args)
-            count("fused_compiled")
-            return out
-        except Exception as exc:  # Dynamo/Inductor/C++ compiler errors have no common public base class
-            if not is_compile_failure(exc):
-                raise
-            _STATE["broken"] = True
-            warnings.warn(f"streamtune: fused norms/activations could not be compiled here ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); they run uncompiled (train.kernels=eager silences this)",
-                          RuntimeWarning, stacklevel=2)
-    return _FUNCTIONS[name](*args)
+    return FALLBACK.run(functools.partial(_run_compiled, name), _FUNCTIONS[name], *args)
+
+
+def _run_compiled(name: str, *args: Any) -> torch.Tensor:
+    out = compiled(name)(*args)
+    count("fused_compiled")
+    return out
 
 
 def fused_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:

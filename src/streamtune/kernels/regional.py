@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 from typing import Any
 
 from streamtune.kernels.binding import unbind_forwards
-from streamtune.kernels.compiling import is_compile_failure
+from streamtune.kernels.compiling import CompileFallback
 from streamtune.kernels.counters import count
 
-_STATE: dict[str, Any] = {"compiled": {}, "broken": False}
+_STATE: dict[str, Any] = {"compiled": {}}
+FALLBACK = CompileFallback("decoder layers", "they run eagerly (train.compile_layers=false silences this)")
 _FLAG = "_streamtune_compiled_layer"
 # what transformers' checkpointing wrapper drops from a checkpointed call (training runs keep no cache)
 _CACHE_KWARGS = ("use_cache", "cache", "past_key_values", "layer_past")
@@ -60,17 +60,11 @@ def _call_compiled(layer: Any, args: tuple, kwargs: dict) -> Any:
 def compiled_layer_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The layer's class forward, compiled; on a compile failure warn once and run it eagerly from now on."""
     count("compiled_layer")
-    if not _STATE["broken"]:
-        try:
-            return _call_compiled(self, args, kwargs)
-        except Exception as exc:  # Dynamo/Inductor errors have no common public base class
-            if not is_compile_failure(exc):
-                raise
-            _STATE["broken"] = True
-            warnings.warn(f"streamtune: decoder layers could not be compiled here ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); they run eagerly (train.compile_layers=false silences this)",
-                          RuntimeWarning, stacklevel=2)
-    return type(self).forward(self, *args, **kwargs)
+    return FALLBACK.run(_call_compiled, _eager_forward, self, args, kwargs)
+
+
+def _eager_forward(layer: Any, args: tuple, kwargs: dict) -> Any:
+    return type(layer).forward(layer, *args, **kwargs)
 
 
 def compile_layers(layers: Any) -> int:

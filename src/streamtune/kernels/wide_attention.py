@@ -25,13 +25,17 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from streamtune.kernels.compiling import CompileFallback
 from streamtune.kernels.counters import count
 
 # fp32 scores of one chunk (all heads): 128 Mi elements = 512 MiB. On the H200 at 8192 tokens (16 / 2 heads,
 # head_dim 512) one layer's forward + backward took 87, 59, 31 and 18 ms with 16, 32, 64 and 128 Mi: each chunk
 # costs host time besides its GEMMs, so fewer, taller chunks win (benchmarks/results/flex_sweep-8192-d512-wide.json).
+# The whole 26B step at 8192 tokens (int8, 24 GiB cap) did not follow: 0.781 s with 64 Mi, 0.784 s with 128 Mi.
 MAX_SCORE_ELEMENTS = 128 * 2**20
 _COMPILED: dict[str, Any] = {}
+FALLBACK = CompileFallback("the wide-head attention's mask/softmax kernels",
+                           "they run as separate torch ops from now on")
 
 
 def workspace_bytes(num_heads: int, num_kv_heads: int, num_tokens: int, head_dim: int,
@@ -73,32 +77,13 @@ def _score_grads(scores: Any, keep: Any, lse: Any, grad_probs: Any, delta: Any, 
 def _elementwise(name: str, fn: Callable[..., Any], device_type: str) -> Callable[..., Any]:
     """``fn`` compiled once per process on CUDA (dynamic shapes: chunks differ in width); eager elsewhere, and
     from the first compile failure on (with a warning), as the other compiled pieces do."""
-    if device_type != "cuda" or _COMPILED.get(name) is False:
+    if device_type != "cuda" or FALLBACK.broken:
         return fn
     if name not in _COMPILED:
         from streamtune.kernels.compiling import compile_fn
 
         _COMPILED[name] = compile_fn(fn, dynamic=True)
-    return functools.partial(_compiled_or_eager, name, fn)
-
-
-def _compiled_or_eager(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    import warnings
-
-    import torch
-
-    from streamtune.kernels.compiling import is_compile_failure
-
-    try:
-        return _COMPILED[name](*args)
-    except Exception as exc:  # Inductor/Triton lowering errors have no common public base class
-        if isinstance(exc, torch.OutOfMemoryError) or not is_compile_failure(exc):
-            raise
-        _COMPILED[name] = False
-        warnings.warn(f"streamtune: the wide-head attention's {name} kernel could not be compiled "
-                      f"({type(exc).__name__}: {str(exc)[:200]}); it runs as separate torch ops from now on",
-                      RuntimeWarning, stacklevel=2)
-        return fn(*args)
+    return functools.partial(FALLBACK.run, _COMPILED[name], fn)
 
 
 def _matmul(a: Any, b: Any) -> Any:

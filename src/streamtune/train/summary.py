@@ -97,6 +97,11 @@ def kernels_line(kernels: Any, applied: dict[str, Any] | None = None) -> str | N
     if d["mode"] == "eager":
         return "kernels: eager (the stock HF/PEFT path)"
     pieces = [label for key, label in _PIECES if d.get(key)]
+    if d.get("flex_attention") and d.get("wide_attention_min_tokens"):
+        from streamtune.kernels.select import WIDE_HEAD_DIM
+
+        pieces.insert(1, f"heads wider than {WIDE_HEAD_DIM} as chunked GEMMs from {d['wide_attention_min_tokens']} "
+                         "tokens")
     line = f"kernels: auto ({', '.join(pieces) or 'none of the fast pieces applies on this device'})"
     compiled = (applied or {}).get("compiled_layers", 0)
     if compiled:
