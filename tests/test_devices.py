@@ -1,4 +1,5 @@
-"""The planner's profile of the card it runs on: cached when measured on this card, else measured, else named."""
+"""The planner's profile of the card it runs on (cached when measured on this card, else measured, else named),
+and `train.device` / `model.dtype` as torch objects."""
 
 from __future__ import annotations
 
@@ -95,3 +96,21 @@ def test_plan_on_device_uses_the_card_and_caps_the_allocator(fake_h200, monkeypa
     with pytest.raises(InputError, match="does not fit"):
         devices.plan_on_device(too_small, torch.device("cuda", 0))
     assert len(caps) == 1  # refused before the allocator is capped
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_train_device_cuda_without_cuda_names_the_key_and_the_fix():
+    from streamtune.devices import resolve_device
+    from streamtune.errors import InputError
+
+    with pytest.raises(InputError, match=r"train.device: cuda asked for.*train.device=cpu or auto"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_model_dtype_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
+    from streamtune.devices import resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streamtune.errors import InputError
+
 GIB = 1 << 30
 # The planner's compute model was fitted to measured steps with this share of the 8192^3 bf16 matmul
 # speed (decoder layers reach less than one big square product).
@@ -130,3 +132,30 @@ def plan_on_device(cfg: Any, device: Any, local_ranks: int = 1) -> Any:
         budget = parse_bytes(cfg.memory.gpu_budget)
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_bytes), device)
     return plan
+
+
+def resolve_device(name: str) -> Any:
+    """``train.device`` as a torch device; a CUDA device always carries its index (the current device).
+
+    Raises:
+        InputError: cuda asked for but not available.
+    """
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device: cuda asked for, but torch sees no CUDA device; use train.device=cpu or auto")
+    if name == "cuda":
+        # CUDA calls such as set_per_process_memory_fraction need the index: never hand out a bare "cuda"
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: Any) -> Any:
+    """``model.dtype`` as a torch dtype: auto = bfloat16 on cuda, float32 on cpu."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)

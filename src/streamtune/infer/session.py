@@ -112,7 +112,7 @@ def open_model(spec: str, options: InferenceOptions | None = None) -> InferenceM
     """
     from streamtune.devices import plan_on_device
     from streamtune.loading import open_base
-    from streamtune.train.recipe import resolve_device, resolve_dtype
+    from streamtune.devices import resolve_device, resolve_dtype
 
     options = options or InferenceOptions()
     source = resolve_source(spec)

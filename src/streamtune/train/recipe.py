@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamtune.devices import resolve_device, resolve_dtype
 from streamtune.errors import InputError, StreamtuneError
 from streamtune.hostmem import peak_rss_bytes, rss_bytes, settle_heap
 from streamtune.stepgc import StepCollector
@@ -53,33 +54,6 @@ class TrainResult:
     eval_losses: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     model: Any = None
-
-
-def resolve_device(name: str) -> Any:
-    """``train.device`` as a torch device; a CUDA device always carries its index (the current device).
-
-    Raises:
-        InputError: cuda asked for but not available.
-    """
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("train.device: cuda asked for, but torch sees no CUDA device; use train.device=cpu or auto")
-    if name == "cuda":
-        # CUDA calls such as set_per_process_memory_fraction need the index: never hand out a bare "cuda"
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: Any) -> Any:
-    """``model.dtype`` as a torch dtype: auto = bfloat16 on cuda, float32 on cpu."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def train(cfg: Any, resume: bool = False, resume_command: str | None = None, keep_model: bool = True) -> TrainResult:
