@@ -56,3 +56,23 @@ def test_a_training_step_leaves_no_tensor_to_the_cycle_collector(tmp_path, monke
                          train={"max_steps": 4, "save_every": 0, "gc_every_steps": 100})
     train(from_dict(raw))
     assert found[1:-1] == [0, 0], found  # the first step builds, the last one saves: the steps between
+
+
+def test_the_model_is_put_in_training_mode_only_when_it_is_not(tmp_path, monkeypatch):
+    """``Module.train()`` walks every module (2834 in the 26B preset with LoRA): only when the model is not in
+    training mode (after an evaluation), not at every step."""
+    import torch
+
+    modes = []
+    real_train = torch.nn.Module.train
+
+    def spy(self, mode=True):
+        if type(self).__name__.startswith("PeftModel"):  # the top of the trained model
+            modes.append(mode)
+        return real_train(self, mode)
+
+    monkeypatch.setattr(torch.nn.Module, "train", spy)
+    run = train_tiny_run(tmp_path, max_steps=4, save_every=0, eval_every=2)
+    assert (run / "adapter").is_dir()
+    # eval() is train(False): each of the two evaluations goes to eval and back; the steps add no call
+    assert modes == [False, True] * 2, modes

@@ -357,7 +357,8 @@ class Recipe:
         import torch
 
         t = self.cfg.train
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every module: 2834 in the 26B preset with LoRA, 9 ms
+            self.model.train()
         for device in self.devices or [self.device]:
             reset_peak(device)
         started = time.perf_counter()
