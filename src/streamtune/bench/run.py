@@ -71,7 +71,8 @@ def _child_argv(args: argparse.Namespace, variant: str, out: str, link: dict[str
     argv = [sys.executable, "-m", "streamtune.bench.run", "--child", variant, "--child-out", out,
             "--link-json", json.dumps(link)]
     for key in ("model", "tokens", "gpu_budget_gib", "codec", "lora_rank", "ring_slots", "prefetch",
-                "loss_chunk_tokens", "kernels", "steps", "gc_every_steps", "baseline_steps", "accelerate_headroom_gib", "num_layers"):
+                "loss_chunk_tokens", "kernels", "steps", "gc_every_steps", "baseline_steps", "accelerate_headroom_gib",
+                "num_layers"):
         value = getattr(args, key)
         if value is not None:
             argv += ["--" + key.replace("_", "-"), str(value)]

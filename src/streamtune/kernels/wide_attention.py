@@ -80,7 +80,7 @@ def _elementwise(name: str, fn: Callable[..., Any], device_type: str) -> Callabl
     if device_type != "cuda" or FALLBACK.broken:
         return fn
     if name not in _COMPILED:
-        from streamtune.kernels.compiling import compile_fn
+        from streamtune.kernels.compiling import compile_fn  # looked up per call: tests replace it
 
         _COMPILED[name] = compile_fn(fn, dynamic=True)
     return functools.partial(FALLBACK.run, _COMPILED[name], fn)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from streamtune.kernels.counters import count
+from streamtune.quant.nf4 import num_blocks, num_dq_groups
 from streamtune.quant.tiles import MAX_TENSORS, nf4_programs, num_tiles
 
 KINDS = ("int8", "nf4")
@@ -84,8 +85,7 @@ def _nf4_row(entry: Any, slot_bytes: int, workspace_bytes: int) -> tuple[list[in
     if None in (q, codes, scale, offset) or numel == 0 or scale.offset_bytes % 4 or offset.offset_bytes % 4 \
             or entry.decoded_offset_bytes % entry.dtype.itemsize:
         return None
-    blocks = -(-numel // 64)
-    groups = -(-blocks // 256)
+    blocks, groups = num_blocks(numel), num_dq_groups(numel)
     inside = (q.offset_bytes + -(-numel // 2) <= min(slot_bytes, q.offset_bytes + q.nbytes)
               and codes.offset_bytes + blocks <= min(slot_bytes, codes.offset_bytes + codes.nbytes)
               and scale.offset_bytes + 4 * groups <= slot_bytes and offset.offset_bytes + 4 * groups <= slot_bytes

@@ -88,7 +88,7 @@ def wide_attention_bytes(layer: LayerSize, tokens: int) -> int:
     from streamtune.kernels.wide_attention import workspace_bytes
 
     s = layer.shape
-    head_dim = s.q_width // max(1, s.num_heads)
+    head_dim = s.head_dim
     if not wide_attention_applies(head_dim, tokens):
         return 0
     num_kv_heads = max(1, s.kv_width // 2 // head_dim)

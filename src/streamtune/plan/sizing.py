@@ -53,6 +53,11 @@ class LayerShape:
     router_params: int = 0
     expert_params: int = 0
 
+    @property
+    def head_dim(self) -> int:
+        """Width of one query head."""
+        return self.q_width // max(1, self.num_heads)
+
 
 @dataclass
 class LayerSize:

@@ -73,8 +73,7 @@ class KernelCosts:
         GEMM attention (``streamtune.kernels.wide_attention``) ``wide_attention_efficiency`` where set."""
         from streamtune.kernels.select import wide_attention_applies
 
-        head_dim = layer.shape.q_width // max(1, layer.shape.num_heads)
-        if self.wide_attention_efficiency and wide_attention_applies(head_dim, tokens):
+        if self.wide_attention_efficiency and wide_attention_applies(layer.shape.head_dim, tokens):
             return self.wide_attention_efficiency
         return self.attention_efficiency
 
