@@ -65,3 +65,14 @@ def test_note_gives_the_step_spread_and_allocator_retries():
                                                          "flex_attention": 630}, "counted_steps": 7}
     line = format_report({"link": {}, "results": [row]}).splitlines()[1]
     assert line.endswith("streamed 14, wide attention 15/step, int8 decode launches 60/step"), line
+
+
+def test_a_negative_gc_interval_is_refused_before_anything_runs(capsys):
+    import pytest
+
+    from streamtune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--gc-every-steps", "-1", "--tokens", "512"])
+    assert exc.value.code == 2
+    assert "argument --gc-every-steps: '-1' is not an integer >= 0" in capsys.readouterr().err

@@ -165,6 +165,12 @@ def test_a_wrong_switch_value_names_the_values_allowed(write_config, capsys):
     assert not run.exists()
 
 
+def test_a_negative_gc_interval_names_the_key_and_the_bound(write_config, capsys):
+    code, err, run = _bad(write_config, capsys, "train.gc_every_steps=-1")
+    assert code == 2 and "train.gc_every_steps: -1 must be >= 0" in err
+    assert not run.exists()
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert main(["train", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

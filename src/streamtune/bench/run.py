@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="auto", choices=["auto", "eager"],
                         help="train.kernels of the streamtune and resident variants (auto: the fast path)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per length (after two warm-ups)")
-    parser.add_argument("--gc-every-steps", type=int, default=TrainConfig.gc_every_steps,
+    parser.add_argument("--gc-every-steps", type=_non_negative_int, default=TrainConfig.gc_every_steps,
                         help="train.gc_every_steps of the streamtune and resident variants (0: Python's automatic "
                              "garbage collection, inside the steps)")
     parser.add_argument("--baseline-steps", type=int, default=1, help="timed steps of the slow baselines")
@@ -48,6 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--link-json", default=None, help=argparse.SUPPRESS)
+
+
+def _non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return value
 
 
 def _link_profile(link: dict[str, Any]) -> Any:
