@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import host_alloc  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "quickstart.jsonl"
 GIB = 2**30
@@ -57,6 +59,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", default="auto", choices=["auto", "all", "none"],
                    help="memory.stream (all: with --device cpu, a rank's own host RAM as on a GPU, weights streamed)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--trace-alloc", action="store_true",
+                   help="trace each rank's Python allocations from placement on (slows the first step's compiles) "
+                        "and print them by package beside glibc's heap counters")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-split", action="store_true", help=argparse.SUPPRESS)
@@ -77,7 +82,7 @@ def worker(args: argparse.Namespace) -> int:
     if args.num_layers:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
     threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
-    _trace_setup_memory()
+    _trace_setup_memory(args.trace_alloc)
     _trace_step_times()
     caps = [float(c) for c in args.worker_caps.split(",")]
     if args.worker_split:
@@ -117,15 +122,16 @@ def _memory_brief() -> str:
             + ", ".join(f"{n} {priv / 1e9:.2f}" for priv, _, n in rows[:3]) + ")")
 
 
-def _trace_setup_memory() -> None:
+def _trace_setup_memory(trace_alloc: bool = False) -> None:
     """Print this rank's private memory after each setup phase of the recipe (imports, process group and
-    CUDA context, plan, model skeleton, placement): where a rank's own host RAM comes from."""
+    CUDA context, plan, model skeleton, placement): where a rank's own host RAM comes from. With
+    ``trace_alloc``, trace Python allocations from placement on (:mod:`host_alloc`)."""
     from streamtune.train.recipe import Recipe
 
     rank = os.environ.get("LOCAL_RANK", "0")
     print(f"[rank {rank} memory after imports] {_memory_brief()}", flush=True)
     for phase in ("_init_distributed", "_plan", "_build_model", "_attach_and_place"):
-        setattr(Recipe, phase, _traced(getattr(Recipe, phase), phase, rank))
+        setattr(Recipe, phase, _traced(getattr(Recipe, phase), phase, rank, trace_alloc))
 
 
 def _trace_step_times() -> None:
@@ -158,12 +164,14 @@ def _trace_step_times() -> None:
     Recipe._accumulate, Recipe._train_step = timed_accumulate, timed_step
 
 
-def _traced(method: Any, phase: str, rank: str) -> Any:
+def _traced(method: Any, phase: str, rank: str, trace_alloc: bool = False) -> Any:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = method(self, *args, **kwargs)
         print(f"[rank {rank} memory after {phase.strip('_')}] {_memory_brief()}", flush=True)
         if phase == "_attach_and_place":
             print(f"[rank {rank} topology] {_topology_brief()}", flush=True)
+            if trace_alloc:
+                host_alloc.start()
         return result
 
     return run
@@ -228,6 +236,7 @@ def _report_private_memory(config_path: Path) -> None:
           + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in status.items()) + pinned
           + "; largest mappings (private GB, PSS GB): "
           + "; ".join(f"{n} {priv / 1e9:.2f}/{pss / 1e9:.2f}" for priv, pss, n in rows[:8]), flush=True)
+    print(f"[rank {rank} heap] {host_alloc.report()}", flush=True)
 
 
 def _used_bytes() -> int:
@@ -301,6 +310,8 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
            str(Path(__file__).resolve()), "--worker", str(cfg), "--worker-caps", ",".join(map(str, caps))]
     if args.num_layers:
         cmd += ["--num-layers", str(args.num_layers)]
+    if args.trace_alloc:
+        cmd += ["--trace-alloc"]
     if layer_split:
         cmd += ["--worker-split", "--device", args.device]
     env = dict(os.environ, STREAMTUNE_DIST_TIMEOUT_S="900",

@@ -47,3 +47,17 @@ def test_settle_heap_collects_cycles_then_trims(monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_malloc_arenas_can_be_capped():
     assert hostmem.limit_malloc_arenas(hostmem.MAX_MALLOC_ARENAS)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_malloc_stats_see_a_large_live_allocation():
+    import ctypes
+
+    before = hostmem.malloc_stats()
+    if before is None:
+        pytest.skip("glibc without mallinfo2 (older than 2.33)")
+    assert before["in_use_bytes"] + before["free_bytes"] == before["heap_bytes"]
+    block = ctypes.create_string_buffer(64 << 20)  # above the mmap threshold: its own mapping
+    after = hostmem.malloc_stats()
+    assert after["mmapped_bytes"] - before["mmapped_bytes"] >= 64 << 20
+    del block

@@ -56,6 +56,31 @@ def settle_heap() -> None:
     release_free_heap()
 
 
+def malloc_stats() -> dict[str, int] | None:
+    """glibc's malloc counters now (``mallinfo2``), or None where there are none (not glibc, or glibc < 2.33).
+
+    ``heap_bytes``: taken from the OS by the arenas (brk heap and arena mappings); ``in_use_bytes`` of it hold
+    live allocations and ``free_bytes`` are free chunks between them (``malloc_trim`` gives their whole pages
+    back to the OS, yet they stay counted here; compare with the ``[heap]`` mapping's resident size);
+    ``mmapped_bytes``: large allocations served by their own mappings. A resident heap that is mostly free is
+    fragmentation; one mostly in use is live data (then see who allocates it).
+    """
+    import ctypes
+
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+
+    class _Mallinfo2(ctypes.Structure):  # struct mallinfo2 (malloc.h): ten size_t counters
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return {"heap_bytes": int(info.arena), "in_use_bytes": int(info.uordblks), "free_bytes": int(info.fordblks),
+            "mmapped_bytes": int(info.hblkhd)}
+
+
 # glibc mallopt parameter number of M_ARENA_MAX (malloc.h)
 _M_ARENA_MAX = -8
 MAX_MALLOC_ARENAS = 2
