@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,33 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "data" / "quickstart.jsonl"
+
+
+def visible_gpus(env: dict[str, str], dev: Path = Path("/dev")) -> list[str]:
+    """The GPUs this process may use, found without starting CUDA: ``CUDA_VISIBLE_DEVICES`` where set, else
+    the ``/dev/nvidiaN`` device files."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [gpu.strip() for gpu in env["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+    found = [int(m.group(1)) for f in (dev.iterdir() if dev.is_dir() else [])
+             if (m := re.fullmatch(r"nvidia(\d+)", f.name))]
+    return [str(i) for i in sorted(found)]
+
+
+def gpu_of_worker(worker: str, gpus: list[str]) -> str | None:
+    """The one GPU pytest-xdist worker ``gwN`` gets (round-robin), or None (not a worker, or fewer than 2 GPUs)."""
+    match = re.fullmatch(r"gw(\d+)", worker)
+    if match is None or len(gpus) < 2:
+        return None
+    return gpus[int(match.group(1)) % len(gpus)]
+
+
+def pytest_configure(config):
+    """``pytest -m gpu -n N`` spreads its workers over the GPUs, one GPU each (set before any test starts CUDA);
+    tests that need two GPUs then skip, so run them without ``-n`` (tests/distributed/test_gpu.py,
+    tests/train/test_split_gpu.py)."""
+    gpu = gpu_of_worker(os.environ.get("PYTEST_XDIST_WORKER", ""), visible_gpus(dict(os.environ)))
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def small_run_dict(run_dir: Path, **sections: dict) -> dict:
