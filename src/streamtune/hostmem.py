@@ -48,7 +48,8 @@ def settle_heap() -> None:
 
     Problem: setup and the first step's compiles (Dynamo, Inductor, Triton) leave cycles and freed small
     objects spread over the heap and the allocator's arenas; the pages stay in the process's resident set
-    for the whole run, once per rank. Solution: call this once setup is done and once after the first step.
+    for the whole run, once per rank. Solution: call this once setup is done and once after the first step (the
+    trainer then trims alone after the second step and after each between-step collection).
     """
     import gc
 

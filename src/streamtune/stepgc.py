@@ -67,19 +67,22 @@ class StepCollector:
         """Automatic collection is off and this collector collects between steps."""
         return self._frozen
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> bool:
         """Call between steps: the first call freezes what setup and the first step made; later calls
-        collect (all generations but the frozen objects) every ``every_steps`` steps."""
+        collect (all generations but the frozen objects) every ``every_steps`` steps. True when it collected."""
         if not self.every_steps:
-            return
+            return False
         if not self._frozen:
             gc.collect()  # the first step's compile garbage, before the survivors are frozen
             gc.freeze()
             gc.disable()
             self._frozen = True
-        elif step % self.every_steps == 0:
+            return True
+        if step % self.every_steps == 0:
             gc.collect()
             self.num_collections += 1
+            return True
+        return False
 
     def close(self) -> None:
         """Undo the policy: unfreeze and restore automatic collection as it was."""

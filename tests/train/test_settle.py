@@ -1,5 +1,5 @@
-"""Training gives setup's and the first step's freed heap back once each (host RAM per rank) and keeps Python's
-garbage collection between steps."""
+"""Training gives freed heap back after setup, the first two steps and each between-step collection (host RAM per
+rank) and keeps Python's garbage collection between steps."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from tests.conftest import small_run_dict
 from tests.infer.runs import train_tiny_run
 
 
-def test_training_settles_the_heap_after_setup_and_after_the_first_step(tmp_path, monkeypatch):
+def test_training_settles_the_heap_after_setup_the_first_steps_and_each_collection(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(recipe, "settle_heap", lambda: calls.append("settle"))
-    train_tiny_run(tmp_path, max_steps=3, save_every=0, eval_every=0)
-    assert calls == ["settle", "settle"]
+    monkeypatch.setattr(recipe, "release_free_heap", lambda: calls.append("trim"))
+    monkeypatch.setattr(recipe.Recipe, "on_step_end", lambda self, step: calls.append(step))
+    train_tiny_run(tmp_path, max_steps=6, save_every=0, eval_every=0, gc_every_steps=2)
+    # setup; step 1 (collect, freeze, settle); step 2 (the second step, and a collection); step 4 and 6
+    assert calls == ["settle", 1, "settle", 2, "trim", 3, 4, "trim", 5, 6, "trim"]
 
 
 def test_training_collects_between_steps_and_restores_the_collector(tmp_path, monkeypatch):
