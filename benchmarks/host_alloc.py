@@ -1,5 +1,5 @@
 """Which Python code holds a rank's host memory: allocations traced (``tracemalloc``) from placement on, summed
-by source file and by package, printed with glibc's heap counters beside them.
+by source file and by package, printed with glibc's heap counters and the process's PSS by kind beside them.
 
 Problem: a rank of the 26B preset grows by about 0.9 GB of private memory (0.8 GB of malloc heap) during its
 first step, and ``/proc/self/smaps`` only says "[heap]". Solution: trace the Python allocations made after
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections import Counter
+from pathlib import Path
 
 # path fragments that name a package, most specific first
 PACKAGES = ("torch/_inductor", "torch/_dynamo", "torch/_functorch", "torch/fx", "torch/utils/_sympy",
@@ -49,12 +50,28 @@ def traced_by_file() -> dict[str, int]:
     return {stat.traceback[0].filename: stat.size for stat in stats}
 
 
+def pss_parts(rollup: str | None = None) -> dict[str, int]:
+    """This process's proportional set size by kind (``/proc/self/smaps_rollup``: ``Pss_Anon``, ``Pss_File``,
+    ``Pss_Shmem``; ``Locked``: page-locked, as pinned memory is), in bytes; {} where the file is missing."""
+    if rollup is None:
+        path = Path("/proc/self/smaps_rollup")
+        rollup = path.read_text() if path.is_file() else ""
+    parts = {}
+    for line in rollup.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Locked") and value.strip().endswith("kB"):
+            parts[key] = int(value.split()[0]) * 1024
+    return parts
+
+
 def report(max_items: int = 8) -> str:
-    """One line: traced Python bytes in all, per package and the largest files; glibc's heap counters."""
+    """One line: PSS by kind; glibc's heap counters; traced Python bytes in all, per package and the largest
+    files."""
     from streamtune.hostmem import malloc_stats
 
     heap = malloc_stats()
-    parts = []
+    pss = pss_parts()
+    parts = [", ".join(f"{key} {size / 1e9:.2f} GB" for key, size in pss.items())] if pss else []
     if heap is not None:
         parts.append(f"malloc heap {heap['heap_bytes'] / 1e9:.2f} GB ({heap['in_use_bytes'] / 1e9:.2f} in use, "
                      f"{heap['free_bytes'] / 1e9:.2f} free), mmapped {heap['mmapped_bytes'] / 1e9:.2f} GB")

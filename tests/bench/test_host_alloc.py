@@ -34,3 +34,12 @@ def test_report_names_this_file_for_what_it_allocated_while_tracing():
             tracemalloc.stop()
     assert sizes[__file__] >= 8 << 20 and len(held) == 8
     assert "Python allocations since placement" in line and "bench/test_host_alloc.py" in line
+
+
+def test_pss_is_read_by_kind_from_smaps_rollup():
+    rollup = ("55-7f ---p 00000000 00:00 0 [rollup]\nRss:  3000 kB\nPss:  2048 kB\nPss_Anon:  1024 kB\n"
+              "Pss_File:  512 kB\nPss_Shmem:  512 kB\nLocked:  0 kB\nSwapPss:  0 kB\n")
+    assert host_alloc.pss_parts(rollup) == {"Pss": 2 << 20, "Pss_Anon": 1 << 20, "Pss_File": 512 << 10,
+                                            "Pss_Shmem": 512 << 10, "Locked": 0}
+    if Path("/proc/self/smaps_rollup").is_file():
+        assert host_alloc.pss_parts()["Pss"] > 0
