@@ -80,6 +80,9 @@ def test_two_ranks_train_the_same_adapter_as_one_process(runs):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)
     assert proc.stderr.count("adapter: ") == 1  # one summary, from rank 0
+    # the summary counts every rank's sequences: 2 steps x (2 rows x 2 micro-batches x 2 ranks)
+    assert f"steps: {STEPS} x 8 sequences (train.batch_size 2 x train.grad_accum 2 x 2 ranks) = 16 sequences" \
+        in proc.stderr
     placement = json.loads((runs["two"] / "placement.json").read_text())
     assert placement["world_size"] == 2
     shared = placement["shared_host"]  # both ranks' layers came from one copy in shared memory
@@ -129,6 +132,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_two_torchrun_agents_meet_at_a_c10d_rendezvous_as_two_nodes(runs, run_dict):
+    """Several machines as the README launches them (``torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint
+    HOST:PORT``): two agents on this host stand for two nodes of one process each, and train the same adapter
+    as one process with the same global batch."""
+    root = runs["root"]
+    cfg = _config(root / "nodes.yaml", run_dict, root / "nodes", grad_accum=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes",
+           "-m", "streamtune", "train", str(cfg)]
+    agents = [subprocess.Popen(cmd, env=_env(), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], [out[-2000:] for out in outputs]
+    assert sum(out.count("adapter: ") for out in outputs) == 1  # rank 0 alone wrote the adapter and summary
+    _assert_same_adapter(_adapter(root / "nodes"), _adapter(runs["one"]))
+    for a, b in zip(read_metrics(root / "nodes"), read_metrics(runs["one"]), strict=True):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert json.loads((root / "nodes" / "placement.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.slow  # two fresh processes plus up to the 20 s timeout

@@ -93,3 +93,35 @@ def test_stale_directories_of_dead_owners_are_removed(tmp_path):
         (directory / "owner.pid").write_text(str(pid))
     remove_stale(tmp_path)
     assert not stale.exists() and live.exists()
+
+
+class _Agents:
+    """A rank's view of ``all_gather_object``: the entries the other local rank 0s would send."""
+
+    def __init__(self, local_rank: int, others: list, timeout_s: float = 5.0):
+        self.local_world_size, self.is_local_main, self.timeout_s = 2, local_rank == 0, timeout_s
+        self.others, self.sent = others, None
+
+    def all_gather_object(self, entry, what):
+        self.sent = entry
+        return [entry, *self.others]
+
+
+def test_each_torchrun_agent_on_a_host_owns_its_copy(monkeypatch, tmp_path):
+    """Two agents on one host (GROUP_RANK 0 and 1) each share their own copy: a rank takes its agent's owner."""
+    import socket
+
+    from streamtune.distributed.shared_host import create_store
+
+    monkeypatch.setenv("STREAMTUNE_SHM_DIR", str(tmp_path))
+    host = socket.gethostname()
+    other_agent = (host, "0", str(tmp_path / "agent0"), os.getpid())
+    monkeypatch.setenv("GROUP_RANK", "1")
+    owner = _Agents(0, [other_agent])
+    store = create_store(owner)
+    assert store.owner and owner.sent[:2] == (host, "1") and store.directory.parent == tmp_path
+    follower = _Agents(1, [owner.sent, other_agent])  # agent 1's second rank finds agent 1's owner, not agent 0's
+    assert create_store(follower).directory == store.directory
+    monkeypatch.setenv("GROUP_RANK", "0")  # a launcher that gives both groups the same agent number
+    with pytest.raises(StreamtuneError, match="expected one local rank 0, found 2"):
+        create_store(_Agents(0, [other_agent]))

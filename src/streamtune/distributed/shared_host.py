@@ -184,12 +184,17 @@ def remove_stale(root: Path) -> None:
 def create_store(ctx: Any, on_hit: Callable[[int], None] | None = None) -> SharedHostStore | None:
     """The job's store on every rank (a collective), or None when sharing is off.
 
-    Each local rank 0 creates a fresh directory; all ranks exchange ``(host, local rank, directory,
-    pid)`` and take their host's owner entry, so stale directories of earlier jobs are never mapped.
+    Each local rank 0 creates a fresh directory; all ranks exchange ``(host, agent, directory, pid)`` and
+    take the entry of their own host and torchrun agent (``GROUP_RANK``: two agents on one host each share
+    their own copy), so stale directories of earlier jobs are never mapped.
+
+    Raises:
+        StreamtuneError: not exactly one local rank 0 for this host and agent (a launcher that sets
+            ``LOCAL_RANK`` but no ``GROUP_RANK`` for several groups on one host).
     """
     if not sharing_enabled(ctx):
         return None
-    host = socket.gethostname()
+    host = (socket.gethostname(), os.environ.get("GROUP_RANK", "0"))
     entry = None
     if ctx.is_local_main:
         root = shm_root()
@@ -197,11 +202,11 @@ def create_store(ctx: Any, on_hit: Callable[[int], None] | None = None) -> Share
         remove_stale(root)
         directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
         (directory / OWNER_FILE).write_text(str(os.getpid()))
-        entry = (host, str(directory), os.getpid())
+        entry = (*host, str(directory), os.getpid())
     entries = ctx.all_gather_object(entry, "exchanging the shared host copy's location")
-    owners = [e for e in entries if e is not None and e[0] == host]
+    owners = [e for e in entries if e is not None and tuple(e[:2]) == host]
     if len(owners) != 1:
-        raise StreamtuneError(f"host {host}: expected one local rank 0, found {len(owners)}; launch one torchrun "
-                              f"agent per host")
-    _, directory, pid = owners[0]
+        raise StreamtuneError(f"host {host[0]}, torchrun agent (GROUP_RANK) {host[1]}: expected one local rank 0, "
+                              f"found {len(owners)}; launch ranks with torchrun, or set {ENABLE_ENV}=0")
+    _, _, directory, pid = owners[0]
     return SharedHostStore(Path(directory), ctx.is_local_main, pid, ctx.timeout_s, on_hit)

@@ -126,7 +126,7 @@ class Recipe:
             from streamtune.train.summary import print_summary
 
             print_summary(cfg, self.data_stats, self.model, self.placement, self.plan, self.start_step,
-                          kernels=self.kernels, kernels_applied=self.kernels_applied)
+                          kernels=self.kernels, kernels_applied=self.kernels_applied, world_size=self.dist.world_size)
         self.logger = self.dist.logger(lambda: MetricsLogger(
             self.run_dir, cfg.train.max_steps, self.start_step, cfg.output.tensorboard, cfg.output.progress,
             wandb_project=cfg.output.wandb, run_config=cfg.to_dict()))

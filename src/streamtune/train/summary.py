@@ -41,14 +41,15 @@ def data_lines(cfg: Any, stats: Any) -> list[str]:
     return lines
 
 
-def steps_line(cfg: Any, stats: Any, start_step: int) -> str:
-    """Steps, sequences per step, and the epochs they amount to."""
+def steps_line(cfg: Any, stats: Any, start_step: int, world_size: int = 1) -> str:
+    """Steps, sequences per step over all ``world_size`` data-parallel ranks, and the epochs they amount to."""
     t = cfg.train
-    per_step = t.batch_size * t.grad_accum
+    per_step = t.batch_size * t.grad_accum * world_size
     sequences = t.max_steps * per_step
     epochs = sequences / max(1, stats.rows_per_epoch)
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
     line = (f"steps: {_n(t.max_steps)} x {per_step} sequences (train.batch_size {t.batch_size} x train.grad_accum "
-            f"{t.grad_accum}) = {_n(sequences)} sequences = {epochs:.2f} epochs")
+            f"{t.grad_accum}{ranks}) = {_n(sequences)} sequences = {epochs:.2f} epochs")
     if start_step:
         line += f"; resuming after step {start_step}"
     return line
@@ -129,9 +130,10 @@ def _ranges(indices: list[int]) -> str:
 
 
 def summary_lines(cfg: Any, stats: Any, model: Any, placement: Any = None, plan: Any = None,
-                  start_step: int = 0, kernels: Any = None, kernels_applied: dict[str, Any] | None = None) -> list[str]:
-    """Every line of the start-of-run summary."""
-    lines = [*data_lines(cfg, stats), steps_line(cfg, stats, start_step), lora_line(cfg, model)]
+                  start_step: int = 0, kernels: Any = None, kernels_applied: dict[str, Any] | None = None,
+                  world_size: int = 1) -> list[str]:
+    """Every line of the start-of-run summary (``world_size``: data-parallel ranks)."""
+    lines = [*data_lines(cfg, stats), steps_line(cfg, stats, start_step, world_size), lora_line(cfg, model)]
     for line in (placement_line(placement, plan), kernels_line(kernels, kernels_applied)):
         if line:
             lines.append(line)
@@ -140,9 +142,9 @@ def summary_lines(cfg: Any, stats: Any, model: Any, placement: Any = None, plan:
 
 def print_summary(cfg: Any, stats: Any, model: Any, placement: Any = None, plan: Any = None,
                   start_step: int = 0, file: Any = None, kernels: Any = None,
-                  kernels_applied: dict[str, Any] | None = None) -> None:
+                  kernels_applied: dict[str, Any] | None = None, world_size: int = 1) -> None:
     """Print :func:`summary_lines` to stderr (or ``file``)."""
     out = file or sys.stderr
-    for line in summary_lines(cfg, stats, model, placement, plan, start_step, kernels, kernels_applied):
+    for line in summary_lines(cfg, stats, model, placement, plan, start_step, kernels, kernels_applied, world_size):
         print(line, file=out)
     out.flush()
