@@ -194,7 +194,7 @@ def create_store(ctx: Any, on_hit: Callable[[int], None] | None = None) -> Share
     """
     if not sharing_enabled(ctx):
         return None
-    host = (socket.gethostname(), os.environ.get("GROUP_RANK", "0"))
+    agent = (socket.gethostname(), os.environ.get("GROUP_RANK", "0"))
     entry = None
     if ctx.is_local_main:
         root = shm_root()
@@ -202,11 +202,11 @@ def create_store(ctx: Any, on_hit: Callable[[int], None] | None = None) -> Share
         remove_stale(root)
         directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
         (directory / OWNER_FILE).write_text(str(os.getpid()))
-        entry = (*host, str(directory), os.getpid())
+        entry = (*agent, str(directory), os.getpid())
     entries = ctx.all_gather_object(entry, "exchanging the shared host copy's location")
-    owners = [e for e in entries if e is not None and tuple(e[:2]) == host]
+    owners = [e for e in entries if e is not None and tuple(e[:2]) == agent]
     if len(owners) != 1:
-        raise StreamtuneError(f"host {host[0]}, torchrun agent (GROUP_RANK) {host[1]}: expected one local rank 0, "
+        raise StreamtuneError(f"host {agent[0]}, torchrun agent (GROUP_RANK) {agent[1]}: expected one local rank 0, "
                               f"found {len(owners)}; launch ranks with torchrun, or set {ENABLE_ENV}=0")
     _, _, directory, pid = owners[0]
     return SharedHostStore(Path(directory), ctx.is_local_main, pid, ctx.timeout_s, on_hit)

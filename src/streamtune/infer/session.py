@@ -110,9 +110,8 @@ def open_model(spec: str, options: InferenceOptions | None = None) -> InferenceM
         InputError: the source cannot be resolved, the base model or tokenizer is missing, or the
             plan says the model does not fit.
     """
-    from streamtune.devices import plan_on_device
+    from streamtune.devices import plan_on_device, resolve_device, resolve_dtype
     from streamtune.loading import open_base
-    from streamtune.devices import resolve_device, resolve_dtype
 
     options = options or InferenceOptions()
     source = resolve_source(spec)
