@@ -105,7 +105,10 @@ class KernelCosts:
 # (39.9 / 336.1 and 115.7 / 318.7 ms); the other kernels 66.6 / 198.2 ms at 2048 / 8192 tokens (0.25 ms per
 # pass plus 0.238 us per token and pass: Inductor fuses the norms, casts and residuals); the host 0.339 s for
 # the 2048-token step in that run and 0.31-0.43 s per step in two `streamtune bench` runs on the same card
-# (steps of a host-bound step vary by +-15 % there): 4.0 ms per layer pass.
+# (steps of a host-bound step vary by +-15 % there): 4.0 ms per layer pass. Refitted (session 12) after the batched
+# decode to the three host-bound `streamtune bench` points on the H200 (26B, 2048 tokens, 24 GiB): int8 0.331 s
+# (...-int8-20261201-001057.json, 10 timed steps 0.313-0.344 s) and 0.362 s (...-int8-20261130-201629.json), nf4
+# all resident 0.367 s (...-nf4-20261130-203903.json): 3.75 ms per layer pass predicts +8 %, -1 %, -8 %.
 # wide heads (session 9): the head_dim-512 layers at 4096 tokens and more run the row-chunked GEMM attention.
 # benchmarks/flex_sweep.py on the H200 at 8192 tokens, one layer: FlexAttention 6.3 ms forward, 47.4 ms forward +
 # backward; chunks of 64 Mi scores 10.3 / 31.0 ms, of 128 Mi 7.6 / 18.3 ms. A training step runs the forward twice
@@ -121,7 +124,7 @@ KERNEL_COSTS = {
                         cpu_s_per_layer_pass=0.0075, expert_half_rows=128.0,
                         wide_attention_efficiency=WIDE_ATTENTION_EFFICIENCY),
     "compiled": KernelCosts(attention_efficiency=0.21, gpu_s_per_layer_pass=0.00025,
-                            elementwise_s_per_token=0.238e-6, cpu_s_per_layer_pass=0.0040, expert_half_rows=128.0,
+                            elementwise_s_per_token=0.238e-6, cpu_s_per_layer_pass=0.00375, expert_half_rows=128.0,
                             wide_attention_efficiency=WIDE_ATTENTION_EFFICIENCY),
 }
 # memory speed of the card the fast costs were fitted on (the named h200 profile): elementwise time scales by it
