@@ -266,7 +266,10 @@ def _job_pss_bytes(pid: int) -> tuple[int, int]:
     for proc in procs:
         try:
             pss = proc.memory_full_info().pss
-            if "LOCAL_RANK" in proc.environ():  # torchrun sets it for the ranks (and their children) only
+            # torchrun sets LOCAL_RANK for the ranks, and their children (compile workers) inherit it: a rank is
+            # a process with it whose parent (the launcher) has none. Until session 12 the workers counted as ranks.
+            parent = proc.parent()
+            if "LOCAL_RANK" in proc.environ() and (parent is None or "LOCAL_RANK" not in parent.environ()):
                 ranks += pss
             else:
                 others += pss

@@ -61,3 +61,23 @@ def test_malloc_stats_see_a_large_live_allocation():
     after = hostmem.malloc_stats()
     assert after["mmapped_bytes"] - before["mmapped_bytes"] >= 64 << 20
     del block
+
+
+def test_stop_compile_workers_ends_the_pool_and_a_later_compile_may_start_another(monkeypatch):
+    import psutil
+    import torch._inductor.async_compile as async_compile
+    import torch._inductor.config as inductor_config
+
+    from streamtune.hostmem import stop_compile_workers
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 2)
+    stop_compile_workers()  # an earlier test's pool, if any
+    assert stop_compile_workers() == 0
+    for _ in range(2):  # the cache of the stopped pool is cleared: the second round starts a new one
+        pool = async_compile.AsyncCompile.process_pool()
+        assert pool.submit(sum, [1, 2]).result() == 3
+        workers = psutil.Process().children(recursive=True)
+        assert workers
+        assert stop_compile_workers() == 1
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]

@@ -38,3 +38,29 @@ def test_shared_weight_pages_are_summed_per_numa_node():
             "7f2000000000 bind:1 file=/dev/shm/streamtune-1/1.bin mapped=2 N1=2 kernelpagesize_kB=2048\n")
     assert multi_gpu._shm_pages_per_node(maps) == {0: 3 * 4096, 1: 4096 + 2 * 2 * 2**20}
     assert "shared weights" in multi_gpu._topology_brief()
+
+
+def test_job_pss_counts_a_ranks_children_as_other_processes():
+    """A rank's children (Inductor's compile workers) inherit LOCAL_RANK from it; they are not ranks."""
+    import os
+    import subprocess
+    import time
+
+    import psutil
+
+    worker = "b = bytearray(80_000_000); import time; time.sleep(60)"  # 80 MB of touched pages
+    rank = f"{sys.executable} -c '{worker}'; true"  # `; true`: bash stays as the rank, the worker is its child
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    launcher = subprocess.Popen(["bash", "-c", f"env LOCAL_RANK=0 bash -c \"{rank}\"; true"], env=env)
+    try:
+        for _ in range(100):
+            ranks, others = multi_gpu._job_pss_bytes(launcher.pid)
+            if others > 80e6:
+                break
+            time.sleep(0.1)
+        assert others > 80e6 and ranks < 20e6, (ranks, others)
+    finally:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            child.kill()
+        launcher.kill()
+        launcher.wait()

@@ -24,7 +24,7 @@ from typing import Any
 
 from streamtune.devices import resolve_device, resolve_dtype
 from streamtune.errors import InputError, StreamtuneError
-from streamtune.hostmem import peak_rss_bytes, release_free_heap, rss_bytes, settle_heap
+from streamtune.hostmem import peak_rss_bytes, release_free_heap, rss_bytes, settle_heap, stop_compile_workers
 from streamtune.stepgc import StepCollector
 from streamtune.train import checkpoint as ckpt
 from streamtune.train import outputs
@@ -335,6 +335,7 @@ class Recipe:
                 # the second step's and each collection's freed heap too: a CPU run of the 26B preset cut to
                 # 2 layers held 0.59 GB of heap after its second step, 0.19 GB after this trim
                 release_free_heap()
+                stop_compile_workers()  # the warm-up steps have compiled: the worker processes only hold RAM
             if step < t.max_steps and self._stop_requested():
                 self._stop(step)
 
