@@ -62,7 +62,8 @@ def stop_compile_workers() -> int:
 
     Problem: the first compile starts a pool of ``min(32, cores)`` worker processes (``cores // N`` per rank
     under torchrun) that stays for the whole run. They are the ranks' children: on two H200s (26B preset,
-    int8) the ranks' process trees held 2.6 GB more PSS than the two ranks themselves after the first steps.
+    int8) the ranks' process trees held 1.4-2.6 GB more PSS than the two ranks themselves after the first
+    steps.
     Solution: stop them once the warm-up steps have compiled; a later compile (a new shape, an evaluation)
     starts a fresh pool, which the next call stops again.
     """
