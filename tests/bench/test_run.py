@@ -20,13 +20,13 @@ def test_nothing_streamed_and_resident_skipped_is_no_crash():
 def test_ratios_against_resident_and_baselines():
     report = {"link": {"h2d_gbps": 50.0}, "results": [
         _row("streamtune", 2048, 0.8, h2d_bytes=20e9), _row("resident", 2048, 0.5),
-        _row("accelerate", 2048, 8.0), _row("fsdp2", 2048, error="OOM: out of memory"),
+        _row("stock", 2048, 1.6), _row("accelerate", 2048, 8.0), _row("fsdp2", 2048, error="OOM: out of memory"),
         _row("streamtune", 8192, error="child exited 1"),
     ]}
     text = format_report(report)
     # bound = max(0.5 s resident, 20 GB / 50 GB/s = 0.4 s)
     assert "2048 tokens: streamtune/bound = 1.60" in text
-    assert "x0.62 resident" in text and "x10.00 accelerate" in text
+    assert "x0.62 resident" in text and "x2.00 stock" in text and "x10.00 accelerate" in text
     assert "fsdp2" not in text.split("\n")[-1]  # a failed baseline gives no ratio
     assert "8192 tokens" not in text  # a failed streamtune row gives no summary line
     assert "OOM: out of memory" in text and "child exited 1" in text

@@ -167,6 +167,17 @@ def test_bench_smoke_with_nothing_streamed_and_no_resident(tmp_path):
     assert report["results"][0]["step_s"] > 0 and report["results"][0]["error"] is None
 
 
+def test_bench_times_the_stock_step_beside_ours_in_one_run(tmp_path):
+    done = _cli("bench", "--model", "tiny-gemma4", "--codec", "int8", "--tokens", "256", "--variants",
+                "streamtune,stock", "--steps", "1", "--out", str(tmp_path))
+    report = json.loads(next(tmp_path.glob("stream_step-*.json")).read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"streamtune", "resident", "stock"}, rows
+    assert all(r["error"] is None and r["step_s"] > 0 for r in rows.values()), rows
+    summary = [line for line in done.stdout.splitlines() if "256 tokens:" in line]
+    assert summary and " stock" in summary[0], done.stdout[-2000:]  # the speed-up over the stock step
+
+
 def test_bench_link_caches_the_profile_plan_then_uses(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "streamtune.cli", "bench", "--link"], capture_output=True,

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only measure pinned H2D, dequant and matmul speeds and cache them for `streamtune plan`")
     parser.add_argument("--model", default="gemma4-26b-a4b", help="preset to build with random weights")
     parser.add_argument("--tokens", default="512,2048,8192", help="comma-separated tokens per step (batch 1)")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="streamtune (incl. resident), accelerate, fsdp2")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="streamtune (incl. resident), stock (the stock step, whole bf16 model resident, uncapped: needs a GPU that holds it), accelerate, fsdp2")
     parser.add_argument("--gpu-budget-gib", type=float, default=24.0, help="GPU cap for the capped variants")
     parser.add_argument("--codec", default="bf16", choices=["bf16", "int8", "nf4"])
     parser.add_argument("--lora-rank", type=int, default=16)
@@ -196,7 +196,7 @@ def _ratios(report: dict[str, Any]) -> list[str]:
                     f"max(resident {_fmt(resident, '.3f')} s, streamed bytes / pinned H2D {copy_s:.3f} s))")
         else:
             line = f"{tokens:>6} tokens: streamtune {r['step_s']:.3f} s (no bound: nothing streamed, resident not timed)"
-        for base in ("resident", "accelerate", "fsdp2"):
+        for base in ("resident", "stock", "accelerate", "fsdp2"):
             other = (by.get((base, tokens)) or {}).get("tok_s")
             if other and r.get("tok_s"):
                 line += f"; x{r['tok_s'] / other:.2f} {base}"

@@ -2,6 +2,8 @@
 
 - ``streamtune``: our engine under the GPU cap, placement from the planner at each token count;
   then ``resident``: the same weights decoded onto the uncapped GPU (no second host copy).
+- ``stock``: the stock step (transformers + PEFT + HF gradient checkpointing and loss) on the uncapped GPU
+  with the whole bf16 model resident: what a card that holds the model runs without streamtune.
 - ``accelerate``: the stock recipe, transformers + accelerate device_map CPU offload + peft LoRA
   (on the GPU-resident layers only: LoRA on an offloaded layer crashes, see compat N1/P8) +
   gradient checkpointing, HF's own loss.
@@ -178,16 +180,29 @@ def run_accelerate(args: Any) -> list[StepResult]:
     return _run_hf_baseline("accelerate", model, config, args, {"lora_layers": len(on_gpu)})
 
 
-def _run_hf_baseline(name: str, model: Any, config: Any, args: Any, extra: dict) -> list[StepResult]:
-    """Time a baseline that uses the model's own (unchunked) loss, under the GPU cap."""
-    cap_gpu_memory(int(args.gpu_budget_gib * GIB))
+def run_stock(args: Any) -> list[StepResult]:
+    """The stock step on a GPU that holds the whole model: transformers + stock PEFT LoRA (fp32 adapters) +
+    HF non-reentrant gradient checkpointing + HF's own loss, bf16 weights resident on the uncapped GPU."""
+    config = bench_config(args.model, args.num_layers)
+    model = build_random_model(config).cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = attach_lora(model, args.lora_rank)
+    return _run_hf_baseline("stock", model, config, args, {}, capped=False)
+
+
+def _run_hf_baseline(name: str, model: Any, config: Any, args: Any, extra: dict,
+                     capped: bool = True) -> list[StepResult]:
+    """Time a baseline that uses the model's own (unchunked) loss, under the GPU cap unless not ``capped``
+    (then with ``--steps``, as streamtune: it is as fast)."""
+    cap_gpu_memory(int(args.gpu_budget_gib * GIB) if capped else None)
     opt = _adamw(model)
 
     def step_for(tokens: int) -> Any:
         batch = random_batch(tokens, config.vocab_size, "cuda")
         return lambda: _hf_step(model, batch, opt)
 
-    results = _run_lengths(name, args.tokens, args.baseline_steps, step_for)
+    results = _run_lengths(name, args.tokens, args.baseline_steps if capped else args.steps, step_for)
     for result in results:
         result.extra.update(extra)
     return results
@@ -221,4 +236,4 @@ def run_fsdp2(args: Any) -> list[StepResult]:
     return results
 
 
-VARIANTS = {"streamtune": run_streamtune, "accelerate": run_accelerate, "fsdp2": run_fsdp2}
+VARIANTS = {"streamtune": run_streamtune, "stock": run_stock, "accelerate": run_accelerate, "fsdp2": run_fsdp2}
