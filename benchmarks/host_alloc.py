@@ -4,11 +4,14 @@ by source file and by package, printed with glibc's heap counters and the proces
 Problem: a rank of the 26B preset grows by about 0.9 GB of private memory (0.8 GB of malloc heap) during its
 first step, and ``/proc/self/smaps`` only says "[heap]". Solution: trace the Python allocations made after
 placement; what they do not cover is native (CUDA driver, cuBLAS, NCCL, Triton's loader). Tracing slows the
-first step's compiles, so it is opt-in (``multi_gpu.py --trace-alloc``).
+first step's compiles, so it is opt-in (``multi_gpu.py --trace-alloc``). The native part: ``--trace-native``
+records every allocation with its C/C++ stack (memray) from placement to the end of the second step and sums what
+is still allocated by library and function (much slower; run it on a cut model).
 """
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -17,6 +20,92 @@ from pathlib import Path
 PACKAGES = ("torch/_inductor", "torch/_dynamo", "torch/_functorch", "torch/fx", "torch/utils/_sympy",
             "torch/_subclasses", "torch/distributed", "torch", "triton", "sympy", "transformers", "peft",
             "streamtune", "tokenizers", "safetensors")
+
+
+_NATIVE: dict[str, object] = {}
+# frames that only pass an allocation on: the allocator and its C++ wrappers
+_PASS_THROUGH = ("libc.so", "libc-", "libstdc++", "ld-linux", "memray", "malloc", "operator new")
+
+
+def start_native(path: str) -> bool:
+    """Record every native allocation from now on with its C/C++ stack (``memray``, carried as a wheel; not a
+    dependency) to ``path``; False when memray is missing. :func:`stop_native` ends it."""
+    try:
+        import memray
+    except ImportError:
+        return False
+    tracker = memray.Tracker(path, native_traces=True, follow_fork=False)
+    tracker.__enter__()
+    _NATIVE.update(tracker=tracker, path=path)
+    return True
+
+
+def stop_native(max_items: int = 12) -> str:
+    """Stop :func:`start_native` and say what it recorded that is still allocated: bytes by library and the
+    largest (library, function) sites, each at the first frame that is not the allocator."""
+    tracker = _NATIVE.pop("tracker", None)
+    if tracker is None:
+        return "native trace not running"
+    tracker.__exit__(None, None, None)
+    import memray
+
+    sites: Counter[tuple[str, str]] = Counter()
+    for record in memray.FileReader(_NATIVE.pop("path")).get_leaked_allocation_records(merge_threads=True):
+        sites[native_site(record.native_stack_trace())] += record.size
+    return format_native(sites, max_items)
+
+
+def trace_native_first_steps(path: str, label: str, num_steps: int = 2) -> None:
+    """Make training record native allocations (:func:`start_native`) from the end of placement to the end of its
+    ``num_steps``-th step, then print ``[label native] ...`` (:func:`stop_native`)."""
+    from streamtune.train.recipe import Recipe
+
+    place, step_end = Recipe._attach_and_place, Recipe.on_step_end
+
+    def placed(self, *args, **kwargs):
+        result = place(self, *args, **kwargs)
+        if not start_native(path):
+            print(f"[{label} native] memray is not installed: nothing recorded", flush=True)
+        return result
+
+    def ended(self, step, *args, **kwargs):
+        step_end(self, step, *args, **kwargs)
+        if step == self.start_step + num_steps:
+            print(f"[{label} native] {stop_native()}", flush=True)
+
+    Recipe._attach_and_place, Recipe.on_step_end = placed, ended
+
+
+def native_site(frames: list[tuple[str, str, int]]) -> tuple[str, str]:
+    """(family, function) of the first frame of a native stack that is neither the allocator nor unnamed (a
+    stripped driver's frames have no name): the family is the C++ namespace (``c10``, ``at``, ``torch``,
+    ``triton``, ``llvm``), the C prefix (``cu``, ``nccl``, ``mkl``) or ``python`` for CPython's own files."""
+    for function, filename, _ in frames:
+        if function in ("", "??") or any(k in filename or k in function for k in _PASS_THROUGH):
+            continue
+        return _family(function, filename), function[:80]
+    return "?", "?"
+
+
+def _family(function: str, filename: str) -> str:
+    if filename.endswith((".c", ".h")) and ("Py" in function or "/" not in filename):
+        return "python"
+    name = function.split("(")[0].split(" ")[-1] if "::" in function else function
+    if "::" in name:
+        return name.split("::")[0].lstrip("~") or "?"
+    match = re.match(r"_*[a-z]+", name)
+    return match.group(0).lstrip("_") if match else name[:12]
+
+
+def format_native(sites: Counter, max_items: int = 12) -> str:
+    """Bytes still allocated: in all, by family, and at the largest sites."""
+    families: Counter[str] = Counter()
+    for (family, _), size in sites.items():
+        families[family] += size
+    return (f"native allocations still live {sum(sites.values()) / 1e9:.3f} GB; by family: "
+            + ", ".join(f"{name} {size / 1e6:.0f} MB" for name, size in families.most_common(max_items))
+            + "; largest sites: "
+            + ", ".join(f"{fn} {size / 1e6:.0f} MB" for (_, fn), size in sites.most_common(max_items)))
 
 
 def start() -> None:

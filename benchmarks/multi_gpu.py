@@ -62,6 +62,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-alloc", action="store_true",
                    help="trace each rank's Python allocations from placement on (slows the first step's compiles) "
                         "and print them by package beside glibc's heap counters")
+    p.add_argument("--trace-native", action="store_true",
+                   help="rank 0 records its native allocations (memray, if installed) from placement to the end of "
+                        "step 2 and prints what is still live by library and function (slow: use --num-layers)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-split", action="store_true", help=argparse.SUPPRESS)
@@ -84,6 +87,8 @@ def worker(args: argparse.Namespace) -> int:
     threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
     _trace_setup_memory(args.trace_alloc)
     _trace_step_times()
+    if args.trace_native and os.environ.get("LOCAL_RANK", "0") == "0":
+        host_alloc.trace_native_first_steps(str(Path(args.worker).with_suffix(".memray")), "rank 0")
     caps = [float(c) for c in args.worker_caps.split(",")]
     if args.worker_split:
         devices = ",".join(f"cuda:{i}" if args.device == "cuda" else "cpu" for i in range(len(caps)))
@@ -313,8 +318,7 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
            str(Path(__file__).resolve()), "--worker", str(cfg), "--worker-caps", ",".join(map(str, caps))]
     if args.num_layers:
         cmd += ["--num-layers", str(args.num_layers)]
-    if args.trace_alloc:
-        cmd += ["--trace-alloc"]
+    cmd += ["--trace-alloc"] * args.trace_alloc + ["--trace-native"] * args.trace_native
     if layer_split:
         cmd += ["--worker-split", "--device", args.device]
     env = dict(os.environ, STREAMTUNE_DIST_TIMEOUT_S="900",

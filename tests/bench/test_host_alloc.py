@@ -43,3 +43,28 @@ def test_pss_is_read_by_kind_from_smaps_rollup():
                                             "Pss_Shmem": 512 << 10, "Locked": 0}
     if Path("/proc/self/smaps_rollup").is_file():
         assert host_alloc.pss_parts()["Pss"] > 0
+
+
+def test_a_native_allocation_is_put_at_its_first_named_frame_past_the_allocator():
+    frames = [("malloc", "libc.so.6", 0), ("operator new(unsigned long)", "new_op.cc", 0), ("??", "", 0),
+              ("cuModuleLoadData", "", 0), ("at::native::foo()", "", 0)]
+    assert host_alloc.native_site(frames) == ("cu", "cuModuleLoadData")
+    cxx = "at::TensorBase at::detail::make_tensor_base<c10::TensorImpl>(x)"  # the return type comes first
+    assert host_alloc.native_site([(cxx, "", 0)])[0] == "at"
+    assert host_alloc.native_site([("_PyCode_NewEmpty", "codeobject.c", 3)]) == ("python", "_PyCode_NewEmpty")
+    assert host_alloc.native_site([("ncclCommInitRank", "", 0)])[0] == "nccl"
+    assert host_alloc.native_site([("malloc", "libc.so.6", 0)]) == ("?", "?")
+
+
+def test_native_report_sums_by_family_largest_first():
+    from collections import Counter
+
+    sites = Counter({("cu", "cuModuleLoadData"): 300_000_000, ("nccl", "ncclCommInitRank"): 100_000_000,
+                     ("cu", "cuLinkCreate"): 50_000_000})
+    text = host_alloc.format_native(sites)
+    assert text.startswith("native allocations still live 0.450 GB; by family: cu 350 MB, nccl 100 MB")
+    assert "largest sites: cuModuleLoadData 300 MB" in text
+
+
+def test_stop_native_without_a_trace_says_so():
+    assert host_alloc.stop_native() == "native trace not running"
