@@ -76,3 +76,36 @@ def test_a_negative_gc_interval_is_refused_before_anything_runs(capsys):
         main(["bench", "--gc-every-steps", "-1", "--tokens", "512"])
     assert exc.value.code == 2
     assert "argument --gc-every-steps: '-1' is not an integer >= 0" in capsys.readouterr().err
+
+
+def _bench_args(*argv):
+    import argparse
+
+    from streamtune.bench.run import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_stock_variant_is_refused_before_building_when_the_model_cannot_sit_on_the_gpu():
+    import pytest
+
+    from streamtune.bench.run import check_variants
+    from streamtune.errors import InputError
+
+    with pytest.raises(InputError, match=r"gemma4-26b-a4b in bf16 is 4\d\.\d GiB .* 24\.0 GiB; leave stock out"):
+        check_variants(_bench_args("--variants", "streamtune,stock"), 24 << 30)
+    check_variants(_bench_args("--variants", "streamtune,stock"), 141 << 30)  # an H200 holds it
+    check_variants(_bench_args("--variants", "stock", "--model", "tiny-gemma4"), 1 << 30)
+    check_variants(_bench_args(), 24 << 30)  # the default variants have no stock step
+
+
+def test_an_unknown_variant_is_refused_with_the_allowed_ones():
+    import pytest
+
+    from streamtune.bench.run import check_variants
+    from streamtune.errors import InputError
+
+    with pytest.raises(InputError, match="unknown stok; allowed: streamtune, stock, accelerate, fsdp2"):
+        check_variants(_bench_args("--variants", "streamtune,stok"), 24 << 30)

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only measure pinned H2D, dequant and matmul speeds and cache them for `streamtune plan`")
     parser.add_argument("--model", default="gemma4-26b-a4b", help="preset to build with random weights")
     parser.add_argument("--tokens", default="512,2048,8192", help="comma-separated tokens per step (batch 1)")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="streamtune (incl. resident), stock (the stock step, whole bf16 model resident, uncapped: needs a GPU that holds it), accelerate, fsdp2")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help="streamtune (incl. resident), stock (the stock step with the whole bf16 model resident, "
+                             "uncapped: needs a GPU that holds it), accelerate, fsdp2")
     parser.add_argument("--gpu-budget-gib", type=float, default=24.0, help="GPU cap for the capped variants")
     parser.add_argument("--codec", default="bf16", choices=["bf16", "int8", "nf4"])
     parser.add_argument("--lora-rank", type=int, default=16)
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise InputError("bench: needs a CUDA GPU (none visible); `streamtune plan --gpu NAME` predicts without one")
+    check_variants(args, torch.cuda.get_device_properties(0).total_memory)
     link = measure_link()
     print(f"[bench] link: {json.dumps(link)}", flush=True)
     if args.link:
@@ -131,6 +134,36 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report), flush=True)
     print(f"results written to {out_dir / name}")
     return 0
+
+
+# the stock variant holds the whole bf16 model on the GPU; the rest (LoRA, optimizer, activations) must fit beside
+STOCK_MAX_WEIGHT_FRACTION = 0.85
+
+
+def check_variants(args: argparse.Namespace, gpu_total_bytes: int) -> None:
+    """Refuse unknown ``--variants`` and a ``stock`` variant whose bf16 model cannot sit on this GPU, before any
+    weights are built.
+
+    Raises:
+        InputError: an unknown variant, or ``stock`` with a model larger than this GPU can hold.
+    """
+    from streamtune.bench.common import bench_config
+    from streamtune.errors import InputError
+    from streamtune.plan.sizing import build_meta_model
+
+    known = ("streamtune", "stock", "accelerate", "fsdp2")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in known]
+    if unknown or not variants:
+        raise InputError(f"bench --variants: unknown {', '.join(unknown) or '(none given)'}; allowed: "
+                         f"{', '.join(known)}")
+    if "stock" not in variants:
+        return
+    weight_bytes = 2 * sum(p.numel() for p in build_meta_model(bench_config(args.model, args.num_layers)).parameters())
+    if weight_bytes > STOCK_MAX_WEIGHT_FRACTION * gpu_total_bytes:
+        raise InputError(f"bench --variants stock: {args.model} in bf16 is {weight_bytes / 2**30:.1f} GiB and the "
+                         f"stock step holds all of it on the GPU, which has {gpu_total_bytes / 2**30:.1f} GiB; leave "
+                         f"stock out of --variants on this card (or cut the model with --num-layers)")
 
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
