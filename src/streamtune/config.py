@@ -104,6 +104,8 @@ class TrainConfig:
                                  "exists, turn automatic collection off and collect what is not frozen every "
                                  "N steps (a collection inside a host-bound step adds to it); 0: Python's "
                                  "automatic collection.")
+    overlap_grad_reduce: bool = _f(False, "Data parallel (torchrun): sum the gradients over ranks in buckets "
+                                   "while the step's last backward runs, instead of in one all-reduce after it.")
     keep_checkpoints: int = _f(0, "Checkpoints kept: the newest N plus the best eval one (0: keep all).")
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")

@@ -91,6 +91,27 @@ def test_two_ranks_train_the_same_adapter_as_one_process(runs):
     assert not Path(shared["directory"]).exists()  # unlinked once both ranks had mapped it
 
 
+def test_overlapped_gradient_reduce_trains_the_same_adapter(runs):
+    """train.overlap_grad_reduce: rank 0 sums its buckets during its last backward; rank 1 computes no micro-batch
+    in this split (4:0), so it starts all of them after; the adapter is the one process's."""
+    root = runs["root"]
+    raw = yaml.safe_load((root / "two.yaml").read_text())
+    raw["train"]["overlap_grad_reduce"] = True
+    raw["output"]["dir"] = str(root / "overlap")
+    (root / "overlap.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "streamtune", "train", str(root / "overlap.yaml")]
+    proc = subprocess.run(cmd, env=_env(STREAMTUNE_RANK_MICRO_BATCHES="4,0"), capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = "gradient all-reduce: overlapped with each step's last backward, 1 bucket of"
+    assert proc.stderr.count(said) == 1  # the path taken, said once (by rank 0)
+    _assert_same_adapter(_adapter(root / "overlap"), _adapter(runs["one"]))
+    for a, b in zip(read_metrics(root / "overlap"), read_metrics(runs["one"])):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                   rel=1e-4)
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, capsys):
     run = tmp_path / "resumed"
     shutil.copytree(runs["two"], run)

@@ -22,15 +22,17 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 
-def _config(path: Path, run_dict, run_dir: Path, grad_accum: int) -> Path:
-    raw = run_dict(run_dir, train={"device": "cuda", "max_steps": 3, "lr": 1e-2, "grad_accum": grad_accum},
+def _config(path: Path, run_dict, run_dir: Path, grad_accum: int, overlap: bool = False) -> Path:
+    raw = run_dict(run_dir, train={"device": "cuda", "max_steps": 3, "lr": 1e-2, "grad_accum": grad_accum,
+                                   "overlap_grad_reduce": overlap},
                    model={"dtype": "float32"}, memory={"stream": "all"})
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def test_two_gpus_match_one_gpu(tmp_path, run_dict):
-    two = _config(tmp_path / "two.yaml", run_dict, tmp_path / "two", grad_accum=1)
+@pytest.mark.parametrize("overlap", [False, True], ids=["flat-all-reduce", "overlapped-buckets"])
+def test_two_gpus_match_one_gpu(tmp_path, run_dict, overlap):
+    two = _config(tmp_path / "two.yaml", run_dict, tmp_path / "two", grad_accum=1, overlap=overlap)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), STREAMTUNE_DIST_TIMEOUT_S="120")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "streamtune", "train", str(two)]

@@ -92,6 +92,16 @@ class DistContext:
             self._guard(what, dist.all_reduce, values, op=dist.ReduceOp.SUM)
         return values
 
+    def all_reduce_sum_async(self, values: Any, what: str) -> Any:
+        """Start summing a tensor over ranks, in place; returns the work to pass to :meth:`wait_collective`."""
+        import torch.distributed as dist
+
+        return self._guard(what, dist.all_reduce, values, op=dist.ReduceOp.SUM, async_op=True)
+
+    def wait_collective(self, work: Any, what: str) -> None:
+        """Wait for a started collective (NCCL: the current stream waits, not the host)."""
+        self._guard(what, work.wait)
+
     def sum_numbers(self, numbers: list[float], device: Any, what: str) -> list[float]:
         """Sum a few Python numbers (or 0-d tensors) over ranks in one collective (float64).
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtune.devices import resolve_device, resolve_dtype
+from streamtune.distributed.overlap import make_grad_reduce
 from streamtune.errors import InputError, StreamtuneError
 from streamtune.hostmem import peak_rss_bytes, release_free_heap, rss_bytes, settle_heap, stop_compile_workers
 from streamtune.stepgc import StepCollector
@@ -229,6 +230,7 @@ class Recipe:
             self._record_placement()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = self.cfg.train
+        self.grad_reduce = make_grad_reduce(self.dist, self.params, t.overlap_grad_reduce)
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         from streamtune.train.schedule import build_scheduler
 
@@ -376,7 +378,10 @@ class Recipe:
         if parts is None:
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.dist.all_reduce_grads(self.params)
+        if self.grad_reduce:
+            self.grad_reduce.finish()  # the buckets the last backward started, then the rest
+        else:
+            self.dist.all_reduce_grads(self.params)
         loss_sum = self.dist.sum_numbers([sum(parts)], self.device, "loss all-reduce")[0]
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -406,12 +411,14 @@ class Recipe:
 
         parts = []
         try:
-            for batch in micro:
+            for index, batch in enumerate(micro):
                 # a single process may abandon the step; ranks finish it together (their collectives must match)
                 if not self.dist.active and self.signals is not None and self.signals.received is not None:
                     return None
                 batch = to_device(batch, self.device)
                 part = lm_loss_sum(self.model, self.arch, batch, self.cfg.train.loss_chunk_tokens, self.kernels)
+                if self.grad_reduce and index == len(micro) - 1:
+                    self.grad_reduce.arm()  # the last backward starts each bucket's all-reduce when it is complete
                 (part / max(1, loss_tokens)).backward()
                 parts.append(part.detach())
         except torch.OutOfMemoryError as exc:
