@@ -72,9 +72,10 @@ def stop_compile_workers() -> int:
     async_compile = sys.modules.get("torch._inductor.async_compile")
     shutdown = getattr(async_compile, "shutdown_compile_workers", None)
     num_pools = len(getattr(async_compile, "_pool_set", ()))
-    if shutdown is not None and num_pools:
-        shutdown()
-    return num_pools if shutdown is not None else 0
+    if shutdown is None or not num_pools:
+        return 0
+    shutdown()
+    return num_pools
 
 
 def malloc_stats() -> dict[str, int] | None:

@@ -148,10 +148,11 @@ def check_variants(args: argparse.Namespace, gpu_total_bytes: int) -> None:
         InputError: an unknown variant, or ``stock`` with a model larger than this GPU can hold.
     """
     from streamtune.bench.common import bench_config
+    from streamtune.bench.variants import VARIANTS
     from streamtune.errors import InputError
     from streamtune.plan.sizing import build_meta_model
 
-    known = ("streamtune", "stock", "accelerate", "fsdp2")
+    known = tuple(VARIANTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in known]
     if unknown or not variants:
