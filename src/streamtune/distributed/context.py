@@ -134,15 +134,7 @@ class DistContext:
         for indices in by_dtype.values():
             flat = torch.cat([grads[i].reshape(-1) for i in indices])
             self.all_reduce_sum(flat, "gradient all-reduce")
-            offset = 0
-            for i in indices:
-                numel = grads[i].numel()
-                reduced = flat[offset:offset + numel].view_as(grads[i])
-                offset += numel
-                if params[i].grad is None:
-                    params[i].grad = reduced.clone()
-                else:
-                    params[i].grad.copy_(reduced)
+            write_grads(params, indices, flat)
 
     def broadcast_params(self, params: list[Any]) -> None:
         """Make every rank hold rank 0's values of ``params`` (start of training and after resume)."""
@@ -250,6 +242,19 @@ class DistContext:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def write_grads(params: list[Any], indices: list[int], flat: Any) -> None:
+    """Set the gradients of ``params[i]`` for ``i`` in ``indices`` from ``flat``, their concatenation in order."""
+    offset = 0
+    for i in indices:
+        param = params[i]
+        reduced = flat[offset:offset + param.numel()].view_as(param)
+        offset += param.numel()
+        if param.grad is None:
+            param.grad = reduced.clone()
+        else:
+            param.grad.copy_(reduced)
 
 
 def launched_by_torchrun() -> bool:

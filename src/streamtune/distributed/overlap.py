@@ -18,6 +18,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from streamtune.distributed.context import write_grads
+
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
 
@@ -95,7 +97,7 @@ class OverlappedGradReduce:
             # NCCL: this rank's current stream waits for the all-reduce's stream (the host does not); gloo: the
             # host waits for the background thread. Either way the copies below read the sums.
             self.ctx.wait_collective(work, "gradient all-reduce")
-            self._write_back(bucket, flat)
+            write_grads(self.params, bucket, flat)
         self._in_flight, self._next = [], 0
 
     def _on_grad(self, param: Any) -> None:
@@ -114,14 +116,3 @@ class OverlappedGradReduce:
         flat = torch.cat([g.reshape(-1) for g in grads])
         self._in_flight.append((bucket, flat, self.ctx.all_reduce_sum_async(flat, "gradient all-reduce")))
         self._next = index + 1
-
-    def _write_back(self, bucket: list[int], flat: Any) -> None:
-        offset = 0
-        for i in bucket:
-            param = self.params[i]
-            reduced = flat[offset:offset + param.numel()].view_as(param)
-            offset += param.numel()
-            if param.grad is None:
-                param.grad = reduced.clone()
-            else:
-                param.grad.copy_(reduced)
