@@ -25,8 +25,8 @@ def lora_grads(model, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]
 
 
 def build(config, fill: str, seed: int = 0):
-    from streamtune.config import LoraConfig
-    from streamtune.lora import attach_lora
+    from fast_step import attach_random_lora  # benchmarks/ is on sys.path when this file runs as a script
+
     from streamtune.models import adapter_for
     from streamtune.models.build import build_empty, fill_tensor_, fill_key, random_fill_
 
@@ -42,13 +42,7 @@ def build(config, fill: str, seed: int = 0):
                 else:
                     param.normal_(0.0, 0.02, generator=gen)
     model.tie_weights()
-    model = attach_lora(model, adapter_for(config), LoraConfig(rank=16, alpha=32), seed=0)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # lora_B random (as benchmarks/fast_step.py), so every LoRA tensor has a gradient
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
-    return model.train()
+    return attach_random_lora(model, adapter_for(config)).train()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -397,21 +397,28 @@ def _decoder(model: Any) -> Any:
     return decoder(model)
 
 
-def build(args: argparse.Namespace) -> tuple[Any, Any]:
-    from streamtune.bench.common import bench_config, build_random_model
+def attach_random_lora(model: Any, adapter: Any) -> Any:
+    """LoRA r=16, alpha 32 on ``model`` with lora_B random (std 0.01, not PEFT's zeros), so every LoRA tensor
+    has a gradient to compare."""
     from streamtune.config import LoraConfig
     from streamtune.lora import attach_lora
-    from streamtune.models import adapter_for
 
-    config = bench_config(args.preset, args.num_layers)
-    adapter = adapter_for(config)
-    model = build_random_model(config)
     model = attach_lora(model, adapter, LoraConfig(rank=16, alpha=32), seed=0)
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    return model
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any]:
+    from streamtune.bench.common import bench_config, build_random_model
+    from streamtune.models import adapter_for
+
+    config = bench_config(args.preset, args.num_layers)
+    adapter = adapter_for(config)
+    model = attach_random_lora(build_random_model(config), adapter)
     model = model.cuda().train()
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, adapter
