@@ -6,7 +6,7 @@ first step, and ``/proc/self/smaps`` only says "[heap]". Solution: trace the Pyt
 placement; what they do not cover is native (CUDA driver, cuBLAS, NCCL, Triton's loader). Tracing slows the
 first step's compiles, so it is opt-in (``multi_gpu.py --trace-alloc``). The native part: ``--trace-native``
 records every allocation with its C/C++ stack (memray) from placement to the end of the second step and sums what
-is still allocated by library and function (much slower; run it on a cut model).
+is still allocated by family (library namespace or C prefix) and function (much slower; run it on a cut model).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def start_native(path: str) -> bool:
 
 
 def stop_native(max_items: int = 12) -> str:
-    """Stop :func:`start_native` and say what it recorded that is still allocated: bytes by library and the
-    largest (library, function) sites, each at the first frame that is not the allocator."""
+    """Stop :func:`start_native` and say what it recorded that is still allocated: bytes by family and the
+    largest sites, each at the first named frame that is not the allocator (:func:`native_site`)."""
     tracker = _NATIVE.pop("tracker", None)
     if tracker is None:
         return "native trace not running"

@@ -65,7 +65,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap-grad-reduce", action="store_true", help="train.overlap_grad_reduce: true in every mode")
     p.add_argument("--trace-native", action="store_true",
                    help="rank 0 records its native allocations (memray, if installed) from placement to the end of "
-                        "step 2 and prints what is still live by library and function (slow: use --num-layers)")
+                        "step 2 and prints what is still live by family and function (slow: use --num-layers)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-split", action="store_true", help=argparse.SUPPRESS)
