@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from streamtune.bench.run import format_report
 
 
@@ -109,3 +111,21 @@ def test_an_unknown_variant_is_refused_with_the_allowed_ones():
 
     with pytest.raises(InputError, match="unknown stok; allowed: streamtune, stock, accelerate, fsdp2"):
         check_variants(_bench_args("--variants", "streamtune,stok"), 24 << 30)
+
+
+@pytest.mark.parametrize("variants, said", [
+    ("streamtune,stok", "bench --variants: unknown stok; allowed: streamtune, stock, accelerate, fsdp2"),
+    ("streamtune,stock", "leave stock out of --variants on this card"),
+])
+def test_bench_refuses_bad_variants_with_exit_code_2_before_measuring(monkeypatch, capsys, variants, said):
+    """As a user meets it: `streamtune bench` on a 24 GiB card, before the link is measured or weights built."""
+    import torch
+
+    import streamtune.bench.common as common
+    from streamtune.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 24 << 30}))
+    monkeypatch.setattr(common, "measure_link", lambda: pytest.fail("measured the link before checking --variants"))
+    assert main(["bench", "--variants", variants]) == 2
+    assert said in capsys.readouterr().err
