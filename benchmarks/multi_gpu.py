@@ -27,6 +27,7 @@ if all three do not fit one 10-minute window, run ``--modes dp1,dp2`` and ``--mo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -257,6 +258,56 @@ def _used_bytes() -> int:
 # lock meanwhile: 31 ms per 6 GiB of touched memory here, so about 0.13 s per 26B rank; every 0.5 s that kept a
 # core busy beside the steps it measured. It is sampled every 5 s; MemAvailable (cheap) every 0.5 s.
 PSS_EVERY_SAMPLES = 10
+# Phases of a run: 0 loading, 1 its first step (compiles), 2 its second and third steps (the trainer stops the
+# compile workers after step 2, while step 3 is not logged yet), 3 from step 4 on: what a long run keeps (the
+# host-RAM target of the second rank is read here).
+STEADY_PHASE = 3
+
+
+def run_phase(num_logged_steps: int, finished: bool) -> int:
+    """The phase of a run from the metric lines rank 0 has written (-1: none yet) and whether it finished."""
+    if num_logged_steps < 0 or finished:
+        return 0
+    if num_logged_steps == 0:
+        return 1
+    return 2 if num_logged_steps < 3 else STEADY_PHASE
+
+
+def _max_or_none(values: list[int | None]) -> int | None:
+    return max([v for v in values if v is not None], default=None)
+
+
+class HostSampler:
+    """Host memory of a job over its phases: bytes in use every sample, PSS (slow: it walks every page table)
+    every ``PSS_EVERY_SAMPLES`` samples and on entering a phase.
+
+    Problem: a PSS measured in one phase and carried into the next (session 13: the steady maximum took a sample
+    from before the compile workers stopped). Solution: a sample keeps a PSS only when it was measured in that
+    sample's phase; the others carry None.
+    """
+
+    def __init__(self, measure_pss: Any) -> None:
+        self.measure_pss = measure_pss
+        self.samples: list[tuple[int, int, int | None, int | None]] = []
+        self._pss: tuple[int, int] = (0, 0)
+        self._pss_phase = -1
+
+    def sample(self, phase: int, used_bytes: int) -> None:
+        if phase != self._pss_phase or len(self.samples) % PSS_EVERY_SAMPLES == 0:
+            self._pss, self._pss_phase = self.measure_pss(), phase
+        fresh = self._pss_phase == phase
+        self.samples.append((phase, used_bytes, *(self._pss if fresh else (None, None))))
+
+    def summary(self) -> dict[str, int | None]:
+        """Maxima over the training phases (1-3) and over the steady phase, of bytes in use and of PSS."""
+        train = [s for s in self.samples if s[0]]
+        steady = [s for s in self.samples if s[0] == STEADY_PHASE]
+        return {"host_train_bytes": _max_or_none([b for _, b, _, _ in train]),
+                "host_peak_bytes": _max_or_none([b for _, b, _, _ in self.samples]),
+                "host_train_pss_bytes": _max_or_none([r + o for _, _, r, o in train if r is not None]),
+                "host_steady_bytes": _max_or_none([b for _, b, _, _ in steady]),
+                "host_steady_rank_pss_bytes": _max_or_none([r for _, _, r, _ in steady]),
+                "host_steady_other_pss_bytes": _max_or_none([o for _, _, _, o in steady])}
 
 
 def _job_pss_bytes(pid: int) -> tuple[int, int]:
@@ -328,35 +379,25 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
         env["STREAMTUNE_RANK_MICRO_BATCHES"] = ",".join(map(str, split))
     metrics = root / name / "metrics.jsonl"
     baseline = _used_bytes()
-    # (phase, bytes in use, PSS of the ranks, PSS of the job's other processes); phase 0: loading,
-    # 1: first step (compiles), 2: later steps (what a long run keeps)
-    samples: list[tuple[int, int, int, int]] = []
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = HostSampler(functools.partial(_job_pss_bytes, proc.pid))
     log: list[str] = []
     reader = threading.Thread(target=_echo, args=(proc.stdout, log, name), daemon=True)
     reader.start()
-    pss = (0, 0)
     while proc.poll() is None:
         steps = len(metrics.read_text().splitlines()) if metrics.is_file() else -1
-        phase = 0 if steps < 0 or (root / name / "adapter").exists() else 1 if steps < 1 else 2
-        if len(samples) % PSS_EVERY_SAMPLES == 0:
-            pss = _job_pss_bytes(proc.pid)
-        samples.append((phase, _used_bytes() - baseline, *pss))
+        sampler.sample(run_phase(steps, (root / name / "adapter").exists()), _used_bytes() - baseline)
         time.sleep(0.5)
     reader.join(timeout=5)
     wall_s = time.perf_counter() - started
+    samples = sampler.samples
     result = {"mode": name, "ranks": ranks, "caps_gib": caps, "grad_accum": grad_accum, "split": split,
-              "returncode": proc.returncode, "wall_s": wall_s,
-              "host_train_bytes": max([b for t, b, _, _ in samples if t], default=None),
-              "host_peak_bytes": max([b for _, b, _, _ in samples], default=None),
-              "host_train_pss_bytes": max([r + o for t, _, r, o in samples if t], default=None),
-              "host_steady_bytes": max([b for t, b, _, _ in samples if t == 2], default=None),
-              "host_steady_rank_pss_bytes": max([r for t, _, r, _ in samples if t == 2], default=None),
-              "host_steady_other_pss_bytes": max([o for t, _, _, o in samples if t == 2], default=None)}
+              "returncode": proc.returncode, "wall_s": wall_s, **sampler.summary()}
     if samples:  # when the peak came and what held it: the ranks, or the launcher and compile workers
         at = max(range(len(samples)), key=lambda i: samples[i][1])
         phase, used, rank_pss, other_pss = samples[at]
+        rank_pss, other_pss = rank_pss or 0, other_pss or 0
         result["host_peak_sample"] = {"seconds": round(at * wall_s / len(samples), 1), "phase": phase,
                                       "bytes": used, "rank_pss_bytes": rank_pss, "other_pss_bytes": other_pss}
         print(f"[multi_gpu] {name}: host peak {used / 1e9:.1f} GB at about {result['host_peak_sample']['seconds']:.0f}"
@@ -451,6 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
 
+def _delta_gb(one: dict, two: dict, key: str) -> float | None:
+    """``two[key] - one[key]`` in GB, None when either was not measured."""
+    if one.get(key) is None or two.get(key) is None:
+        return None
+    return (two[key] - one[key]) / 1e9
+
+
 def _report(args: argparse.Namespace, results: list[dict], predictions: dict) -> None:
     by_mode = {r["mode"]: r for r in results}
     print(f"\n{'mode':6} {'GPUs':>4} {'caps GiB':>9} {'tok/s':>8} {'step s':>7} {'host train GiB':>15} "
@@ -463,18 +511,14 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
                  if r.get("gpu_peak_bytes_per_device") else ""))
     if "dp1" in by_mode and "dp2" in by_mode and by_mode["dp1"].get("tok_s"):
         one, two = by_mode["dp1"], by_mode["dp2"]
-        print(f"2-GPU speed-up: {two.get('tok_s', 0) / one['tok_s']:.2f}x (target >= 1.8x); second rank adds "
-              f"{((two['host_train_bytes'] or 0) - (one['host_train_bytes'] or 0)) / GIB:.1f} GiB host RAM in use, "
-              f"{((two['host_train_pss_bytes'] or 0) - (one['host_train_pss_bytes'] or 0)) / GIB:.1f} GiB job PSS "
-              f"(target < 2 GB)")
-        if one.get("host_steady_bytes") is not None and two.get("host_steady_bytes") is not None:
-            def delta_gb(key: str) -> float:
-                return ((two[key] or 0) - (one[key] or 0)) / 1e9
-
-            print(f"after the first step (compiles done): second rank adds {delta_gb('host_steady_bytes'):.2f} GB in "
-                  f"use, {delta_gb('host_steady_rank_pss_bytes'):.2f} GB PSS of the ranks and "
-                  f"{delta_gb('host_steady_other_pss_bytes'):.2f} GB of the job's other processes (launcher, "
-                  f"compile workers)")
+        print(f"2-GPU speed-up: {two.get('tok_s', 0) / one['tok_s']:.2f}x (target >= 1.8x)")
+        for label, keys in (("while training (max over steps 1-N)", ("host_train_bytes", "host_train_pss_bytes")),
+                            ("after the warm-up steps (compile workers stopped)",
+                             ("host_steady_bytes", "host_steady_rank_pss_bytes", "host_steady_other_pss_bytes"))):
+            deltas = [_delta_gb(one, two, key) for key in keys]
+            words = ["in use", "job PSS"] if len(keys) == 2 else ["in use", "PSS of the ranks", "PSS of the other processes"]
+            print(f"second rank adds, {label}: " + ", ".join(
+                f"{'n/a' if d is None else f'{d:.2f}'} GB {w}" for d, w in zip(deltas, words)) + " (target < 2 GB)")
     for r in results:
         for rank, times in (r.get("rank_times") or {}).items():
             print(f"{r['mode']} rank {rank}: median step {times.get('step_s', float('nan')):.3f} s, its micro-batches "

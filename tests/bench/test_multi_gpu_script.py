@@ -64,3 +64,24 @@ def test_job_pss_counts_a_ranks_children_as_other_processes():
             child.kill()
         launcher.kill()
         launcher.wait()
+
+
+def test_run_phases_follow_the_logged_steps():
+    assert [multi_gpu.run_phase(n, False) for n in (-1, 0, 1, 2, 3, 9)] == [0, 1, 2, 2, 3, 3]
+    assert multi_gpu.run_phase(9, True) == 0
+
+
+def test_host_sampler_keeps_a_pss_only_in_the_phase_it_was_measured_in():
+    measured = iter([(10, 5), (20, 1), (30, 2), (40, 3)])
+    sampler = multi_gpu.HostSampler(lambda: next(measured))
+    # a PSS on entering each phase, and every PSS_EVERY_SAMPLES samples: phase 2's PSS (compile workers alive)
+    # must not reach the steady maximum
+    phases = [1] + [2] * (multi_gpu.PSS_EVERY_SAMPLES - 1) + [3, 3]
+    for index, phase in enumerate(phases):
+        sampler.sample(phase, 100 + index)
+    assert [s[2] for s in sampler.samples] == [10] + [20] * (multi_gpu.PSS_EVERY_SAMPLES - 1) + [30, 30]
+    summary = sampler.summary()
+    assert summary["host_steady_rank_pss_bytes"] == 30 and summary["host_steady_other_pss_bytes"] == 2
+    assert summary["host_train_pss_bytes"] == 32 and summary["host_steady_bytes"] == 100 + len(phases) - 1
+    assert summary["host_peak_bytes"] == 100 + len(phases) - 1
+
