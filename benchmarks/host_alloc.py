@@ -50,9 +50,22 @@ def stop_native(max_items: int = 12) -> str:
     import memray
 
     sites: Counter[tuple[str, str]] = Counter()
+    callers: dict[tuple[str, str], Counter[str]] = {}
     for record in memray.FileReader(_NATIVE.pop("path")).get_leaked_allocation_records(merge_threads=True):
-        sites[native_site(record.native_stack_trace())] += record.size
-    return format_native(sites, max_items)
+        site = native_site(record.native_stack_trace(), memray.AllocatorType(record.allocator) == memray.AllocatorType.MMAP)
+        sites[site] += record.size
+        callers.setdefault(site, Counter())[python_caller(record.hybrid_stack_trace())] += record.size
+    return format_native(sites, max_items, callers)
+
+
+def python_caller(frames: list[tuple[str, str, int]]) -> str:
+    """``file:line function`` of the innermost Python frame of an allocation's stack (memray's hybrid stack mixes
+    native and Python frames, innermost first): what a native allocation served."""
+    for function, filename, line in frames:
+        if not filename.endswith(".py"):
+            continue
+        return f"{'/'.join(Path(filename).parts[-2:])}:{line} {function}"
+    return "no Python frame"
 
 
 def trace_native_first_steps(path: str, label: str, num_steps: int = 2) -> None:
@@ -76,15 +89,22 @@ def trace_native_first_steps(path: str, label: str, num_steps: int = 2) -> None:
     Recipe._attach_and_place, Recipe.on_step_end = placed, ended
 
 
-def native_site(frames: list[tuple[str, str, int]]) -> tuple[str, str]:
-    """(family, function) of the first frame of a native stack that is neither the allocator nor unnamed (a
-    stripped driver's frames have no name): the family is the C++ namespace (``c10``, ``at``, ``torch``,
-    ``triton``, ``llvm``), the C prefix (``cu``, ``nccl``, ``mkl``) or ``python`` for CPython's own files."""
+def native_site(frames: list[tuple[str, str, int]], mmap: bool = False) -> tuple[str, str]:
+    """(family, function) of the first frame of a native stack that is neither the allocator nor unnamed: the
+    family is the C++ namespace (``c10``, ``at``, ``torch``, ``triton``, ``llvm``), the C prefix (``cu``, ``nccl``,
+    ``mkl``) or ``python`` for CPython's own files. A stack of unnamed frames only (a stripped library such as the
+    CUDA driver) is put at the library of its first one. ``mmap``: the allocation was an mmap (said in the name)."""
+    library = ""
     for function, filename, _ in frames:
-        if function in ("", "??") or any(k in filename or k in function for k in _PASS_THROUGH):
+        if any(k in filename or k in function for k in _PASS_THROUGH):
             continue
-        return _family(function, filename), function[:80]
-    return "?", "?"
+        if function in ("", "??", "<unknown>"):
+            library = library or Path(filename).name
+            continue
+        return _family(function, filename), function[:80] + " [mmap]" * mmap
+    if library and library != "<unknown>":
+        return library, f"unnamed frame in {library}" + " [mmap]" * mmap
+    return "?", "?" + " [mmap]" * mmap
 
 
 def _family(function: str, filename: str) -> str:
@@ -97,15 +117,21 @@ def _family(function: str, filename: str) -> str:
     return match.group(0).lstrip("_") if match else name[:12]
 
 
-def format_native(sites: Counter, max_items: int = 12) -> str:
-    """Bytes still allocated: in all, by family, and at the largest sites."""
+def format_native(sites: Counter, max_items: int = 12, callers: dict | None = None) -> str:
+    """Bytes still allocated: in all, by family, and at the largest sites (with the Python line most of a site's
+    bytes came from, when ``callers`` has it)."""
     families: Counter[str] = Counter()
     for (family, _), size in sites.items():
         families[family] += size
     return (f"native allocations still live {sum(sites.values()) / 1e9:.3f} GB; by family: "
             + ", ".join(f"{name} {size / 1e6:.0f} MB" for name, size in families.most_common(max_items))
             + "; largest sites: "
-            + ", ".join(f"{fn} {size / 1e6:.0f} MB" for (_, fn), size in sites.most_common(max_items)))
+            + ", ".join(_site_text(site, size, callers) for site, size in sites.most_common(max_items)))
+
+
+def _site_text(site: tuple[str, str], size: int, callers: dict | None) -> str:
+    top = (callers or {}).get(site)
+    return f"{site[1]} {size / 1e6:.0f} MB" + (f" (from {top.most_common(1)[0][0]})" if top else "")
 
 
 def start() -> None:

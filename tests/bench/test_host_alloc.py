@@ -6,6 +6,8 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import host_alloc  # noqa: E402
@@ -56,6 +58,15 @@ def test_a_native_allocation_is_put_at_its_first_named_frame_past_the_allocator(
     assert host_alloc.native_site([("malloc", "libc.so.6", 0)]) == ("?", "?")
 
 
+def test_a_stack_of_unnamed_frames_is_put_at_its_library_and_an_mmap_says_so():
+    stripped = [("mmap", "libc.so.6", 0), ("<unknown>", "/usr/lib/x86_64-linux-gnu/libcuda.so.1", 0),
+                ("<unknown>", "/usr/lib/libnvidia-ptxjitcompiler.so.1", 0)]
+    assert host_alloc.native_site(stripped, mmap=True) == ("libcuda.so.1", "unnamed frame in libcuda.so.1 [mmap]")
+    named_deeper = stripped + [("cudaHostRegister", "libcudart.so.13", 0)]
+    assert host_alloc.native_site(named_deeper) == ("cuda", "cudaHostRegister")
+    assert host_alloc.native_site([("<unknown>", "<unknown>", 0)]) == ("?", "?")
+
+
 def test_native_report_sums_by_family_largest_first():
     from collections import Counter
 
@@ -64,6 +75,21 @@ def test_native_report_sums_by_family_largest_first():
     text = host_alloc.format_native(sites)
     assert text.startswith("native allocations still live 0.450 GB; by family: cu 350 MB, nccl 100 MB")
     assert "largest sites: cuModuleLoadData 300 MB" in text
+    callers = {("cu", "cuModuleLoadData"): Counter({"runtime/triton_heuristics.py:1234 _precompile": 300_000_000})}
+    text = host_alloc.format_native(sites, callers=callers)
+    assert "cuModuleLoadData 300 MB (from runtime/triton_heuristics.py:1234 _precompile), nccl" in text
+
+
+def test_a_live_native_mmap_is_recorded_with_its_python_caller(tmp_path):
+    pytest.importorskip("memray")  # carried to the device as a wheel; not a dependency
+    import mmap
+
+    assert host_alloc.start_native(str(tmp_path / "native.bin"))
+    held = mmap.mmap(-1, 64 << 20)
+    held.write(b"x" * (64 << 20))
+    text = host_alloc.stop_native()
+    assert "[mmap]" in text and "test_host_alloc.py" in text and "test_a_live_native_mmap" in text, text
+    held.close()
 
 
 def test_stop_native_without_a_trace_says_so():
