@@ -34,6 +34,14 @@ def test_ratios_against_resident_and_baselines():
     assert "OOM: out of memory" in text and "child exited 1" in text
 
 
+def test_without_a_resident_step_the_copy_floor_is_no_bound_and_holds_no_target():
+    report = {"link": {"h2d_gbps": 50.0}, "results": [_row("streamtune", 2048, 0.6, h2d_bytes=20e9),
+                                                      _row("stock", 2048, 1.2)]}
+    text = format_report(report)
+    assert "2048 tokens: streamtune/copy floor = 1.50 (streamed bytes / pinned H2D 0.400 s; resident not timed" in text
+    assert "target" not in text and "x2.00 stock" in text
+
+
 def test_missing_link_and_missing_fields():
     report = {"link": {}, "results": [_row("streamtune", 512, 0.2), {"variant": "accelerate", "tokens": None,
                                                                    "error": "child exited 9"}]}
