@@ -67,6 +67,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-native", action="store_true",
                    help="rank 0 records its native allocations (memray, if installed) from placement to the end of "
                         "step 2 and prints what is still live by family and function (slow: use --num-layers)")
+    p.add_argument("--keep-compile-workers", action="store_true",
+                   help="the ranks keep Inductor's compile workers for the whole run (training stops them after "
+                        "step 2): the A/B of that stop's effect on step time and host RAM")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-split", action="store_true", help=argparse.SUPPRESS)
@@ -89,6 +92,10 @@ def worker(args: argparse.Namespace) -> int:
     threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
     _trace_setup_memory(args.trace_alloc)
     _trace_step_times()
+    if args.keep_compile_workers:
+        import streamtune.train.recipe as recipe
+
+        recipe.stop_compile_workers = lambda: 0
     if args.trace_native and os.environ.get("LOCAL_RANK", "0") == "0":
         host_alloc.trace_native_first_steps(str(Path(args.worker).with_suffix(".memray")), "rank 0")
     caps = [float(c) for c in args.worker_caps.split(",")]
@@ -371,6 +378,7 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
     if args.num_layers:
         cmd += ["--num-layers", str(args.num_layers)]
     cmd += ["--trace-alloc"] * args.trace_alloc + ["--trace-native"] * args.trace_native
+    cmd += ["--keep-compile-workers"] * args.keep_compile_workers
     if layer_split:
         cmd += ["--worker-split", "--device", args.device]
     env = dict(os.environ, STREAMTUNE_DIST_TIMEOUT_S="900",
