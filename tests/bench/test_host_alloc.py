@@ -36,6 +36,8 @@ def test_report_names_this_file_for_what_it_allocated_while_tracing():
             tracemalloc.stop()
     assert sizes[__file__] >= 8 << 20 and len(held) == 8
     assert "Python allocations since placement" in line and "bench/test_host_alloc.py" in line
+    allocating_line = test_report_names_this_file_for_what_it_allocated_while_tracing.__code__.co_firstlineno + 4
+    assert f"largest lines: bench/test_host_alloc.py:{allocating_line} " in line
 
 
 def test_pss_is_read_by_kind_from_smaps_rollup():
