@@ -82,7 +82,15 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir)]
 
 
-def test_interrupted_run_resumes_bit_for_bit_on_cuda(tmp_path, run_dict, monkeypatch):
+@pytest.fixture
+def uncapped_after():
+    """A run in this process caps its GPU (memory.gpu_budget) for the process's life: lift the cap afterwards, so
+    the worker's next tests have the whole card."""
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+
+
+def test_interrupted_run_resumes_bit_for_bit_on_cuda(tmp_path, run_dict, monkeypatch, uncapped_after):
     """Resumed in the process that ran the first steps (its compiled kernels already built), the run is the
     uninterrupted one bit for bit: everything a checkpoint restores on CUDA is exact (measured: 12 of 12 losses
     equal, fast path and eager, H200)."""
