@@ -82,3 +82,17 @@ def test_stop_compile_workers_ends_the_pool_and_a_later_compile_may_start_anothe
         assert stop_compile_workers() == 1
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, [p.cmdline() for p in alive]
+
+
+def test_drop_compile_records_clears_what_torch_compile_keeps_for_export():
+    import torch._inductor.codecache  # noqa: F401  (registers the inductor artifact type)
+    from torch.compiler._cache import CacheArtifactManager
+
+    from streamtune.hostmem import drop_compile_records
+
+    drop_compile_records()  # an earlier test's compiles, if any
+    assert drop_compile_records() == 0
+    CacheArtifactManager.record_artifact("inductor", "streamtune-test-key", b"x" * 123_456)
+    assert CacheArtifactManager.need_serialize()
+    assert drop_compile_records() == 123_456
+    assert not CacheArtifactManager.need_serialize() and drop_compile_records() == 0

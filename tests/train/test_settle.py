@@ -16,11 +16,13 @@ def test_training_settles_the_heap_after_setup_the_first_steps_and_each_collecti
     monkeypatch.setattr(recipe, "settle_heap", lambda: calls.append("settle"))
     monkeypatch.setattr(recipe, "release_free_heap", lambda: calls.append("trim"))
     monkeypatch.setattr(recipe, "stop_compile_workers", lambda: calls.append("stop"))
+    monkeypatch.setattr(recipe, "drop_compile_records", lambda: calls.append("drop"))
     monkeypatch.setattr(recipe.Recipe, "on_step_end", lambda self, step: calls.append(step))
     train_tiny_run(tmp_path, max_steps=6, save_every=0, eval_every=0, gc_every_steps=2)
     # setup; step 1 (collect, freeze, settle); step 2 (the second step, and a collection); step 4 and 6
-    # (a trim also stops Inductor's compile workers)
-    assert calls == ["settle", 1, "settle", 2, "trim", "stop", 3, 4, "trim", "stop", 5, 6, "trim", "stop"]
+    # (a trim also drops torch.compile's in-memory artifact records first and stops Inductor's compile workers)
+    assert calls == ["settle", 1, "settle", 2, "drop", "trim", "stop", 3, 4, "drop", "trim", "stop", 5, 6, "drop",
+                     "trim", "stop"]
 
 
 def test_training_collects_between_steps_and_restores_the_collector(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ from typing import Any
 from streamtune.devices import resolve_device, resolve_dtype
 from streamtune.distributed.overlap import make_grad_reduce
 from streamtune.errors import InputError, StreamtuneError
-from streamtune.hostmem import peak_rss_bytes, release_free_heap, rss_bytes, settle_heap, stop_compile_workers
+from streamtune.hostmem import (drop_compile_records, peak_rss_bytes, release_free_heap, rss_bytes, settle_heap,
+                                stop_compile_workers)
 from streamtune.stepgc import StepCollector
 from streamtune.train import checkpoint as ckpt
 from streamtune.train import outputs
@@ -336,6 +337,7 @@ class Recipe:
             elif collected or step == self.start_step + 2:
                 # the second step's and each collection's freed heap too: a CPU run of the 26B preset cut to
                 # 2 layers held 0.59 GB of heap after its second step, 0.19 GB after this trim
+                drop_compile_records()  # the in-memory copies of compile artifacts, kept only for export
                 release_free_heap()
                 stop_compile_workers()  # the warm-up steps have compiled: the worker processes only hold RAM
             if step < t.max_steps and self._stop_requested():
