@@ -52,7 +52,8 @@ def stop_native(max_items: int = 12) -> str:
     sites: Counter[tuple[str, str]] = Counter()
     callers: dict[tuple[str, str], Counter[str]] = {}
     for record in memray.FileReader(_NATIVE.pop("path")).get_leaked_allocation_records(merge_threads=True):
-        site = native_site(record.native_stack_trace(), memray.AllocatorType(record.allocator) == memray.AllocatorType.MMAP)
+        is_mmap = memray.AllocatorType(record.allocator) == memray.AllocatorType.MMAP
+        site = native_site(record.native_stack_trace(), is_mmap)
         sites[site] += record.size
         callers.setdefault(site, Counter())[python_caller(record.hybrid_stack_trace())] += record.size
     return format_native(sites, max_items, callers)

@@ -524,7 +524,8 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
                             ("after the warm-up steps (compile workers stopped)",
                              ("host_steady_bytes", "host_steady_rank_pss_bytes", "host_steady_other_pss_bytes"))):
             deltas = [_delta_gb(one, two, key) for key in keys]
-            words = ["in use", "job PSS"] if len(keys) == 2 else ["in use", "PSS of the ranks", "PSS of the other processes"]
+            words = (["in use", "job PSS"] if len(keys) == 2
+                     else ["in use", "PSS of the ranks", "PSS of the other processes"])
             print(f"second rank adds, {label}: " + ", ".join(
                 f"{'n/a' if d is None else f'{d:.2f}'} GB {w}" for d, w in zip(deltas, words)) + " (target < 2 GB)")
     for r in results:

@@ -228,7 +228,7 @@ def _ratios(report: dict[str, Any]) -> list[str]:
         if resident:
             line = (f"{tokens:>6} tokens: streamtune/bound = {r['step_s'] / bound:.2f} (target <= 1.15; bound = "
                     f"max(resident {resident:.3f} s, streamed bytes / pinned H2D {copy_s:.3f} s))")
-        elif bound > 0:  # the copy floor alone is no bound to hold a target against: the step may be compute-bound
+        elif bound > 0:  # the copy floor alone is no bound to hold a target to: the step may be compute-bound
             line = (f"{tokens:>6} tokens: streamtune/copy floor = {r['step_s'] / bound:.2f} (streamed bytes / pinned "
                     f"H2D {copy_s:.3f} s; resident not timed, so no bound)")
         else:

@@ -109,10 +109,11 @@ class KernelCosts:
 # decode to the three host-bound `streamtune bench` points on the H200 (26B, 2048 tokens, 24 GiB): int8 0.331 s
 # (...-int8-20261201-001057.json, 10 timed steps 0.313-0.344 s) and 0.362 s (...-int8-20261130-201629.json), nf4
 # all resident 0.367 s (...-nf4-20261130-203903.json): 3.75 ms per layer pass predicts +8 %, -1 %, -8 %.
-# Refitted (session 13) to the two runs of the current build, both with the collector and the compile workers out
-# of the steps: 0.331 s (session 12) and 0.319 s (...-int8-20261201-015334-with-stock.json, 5 timed steps
-# 0.318-0.324 s, where 3.75 ms predicted +13 %): 3.4 ms predicts +3 %, -1 %. The session-10 points (int8 0.362 s,
-# steps 0.318-0.416 s with collections inside them; nf4 0.367 s) predate both and are not re-measured.
+# Refitted (session 13) to the two runs of the current build, both with the garbage collector out of the steps:
+# 0.331 s (session 12) and 0.319 s (...-int8-20261201-015334-with-stock.json, 5 timed steps 0.318-0.324 s, where
+# 3.75 ms predicted +13 %): 3.4 ms predicts 0.338 s with each run's measured link, +2 % / +6 %. The session-10
+# points (int8 0.362 s, steps 0.318-0.416 s with collections inside them; nf4 0.367 s, now -13 %) predate the
+# collector policy and are not re-measured.
 # wide heads (session 9): the head_dim-512 layers at 4096 tokens and more run the row-chunked GEMM attention.
 # benchmarks/flex_sweep.py on the H200 at 8192 tokens, one layer: FlexAttention 6.3 ms forward, 47.4 ms forward +
 # backward; chunks of 64 Mi scores 10.3 / 31.0 ms, of 128 Mi 7.6 / 18.3 ms. A training step runs the forward twice
