@@ -8,7 +8,7 @@ import json
 import pytest
 
 from streamtune.cli import main
-from streamtune.plan import GPU_PROFILES, make_plan
+from streamtune.plan import GPU_PROFILES, make_plan, memory
 from streamtune.plan.multi_gpu import format_multi, plan_gpus
 from streamtune.plan.profiles import replace, resolve_gpu_list
 
@@ -29,7 +29,21 @@ def test_shared_host_copy_is_counted_once():
     two = make_plan(MODEL, codec="int8", gpu="rtx4090", local_ranks=2)
     assert two.host_bytes["pinned_weights"] == one.host_bytes["pinned_weights"]
     assert two.host_bytes["staging"] == one.host_bytes["staging"]
-    assert two.host_bytes["runtime"] == 2 * one.host_bytes["runtime"]
+    # each rank adds its runtime and its share of the process group (measured: 1.84 GB alone, 2.06 GB each of two)
+    assert two.host_bytes["runtime"] == 2 * (one.host_bytes["runtime"] + memory.PROCESS_GROUP_HOST_BYTES)
+    assert two.host_bytes["compile_workers"] == one.host_bytes["compile_workers"]  # the host's pool, shared
+
+
+def test_host_peak_counts_the_larger_of_loading_staging_and_the_compile_workers(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "32")
+    fast = make_plan(MODEL, codec="int8", gpu="rtx4090")
+    host = fast.host_bytes
+    assert host["compile_workers"] == 32 * memory.COMPILE_WORKER_HOST_BYTES
+    lasting = host["pinned_weights"] + host["runtime"]
+    assert fast.host_peak_bytes == lasting + max(host["staging"], host["compile_workers"])
+    eager = make_plan(MODEL, codec="int8", gpu="rtx4090", kernels="eager")
+    assert eager.host_bytes["compile_workers"] == 0  # nothing compiles
+    assert eager.host_peak_bytes == lasting + host["staging"]
 
 
 def test_unequal_pair_splits_work_towards_the_faster_gpu():

@@ -32,9 +32,19 @@ LOGITS_COPIES = 5
 # bf16 [chunk, vocab] tensors of the fused loss at its peak: the logits and their gradient.
 FUSED_LOGITS_COPIES = 2
 # Host RAM of one training process besides the packed weights (Python, torch, CUDA context, compiled kernels,
-# malloc heap): measured 2.5 GB for one rank (PSS less the packed weights) and 2.74 GB added by a second rank,
-# after the first step, 26B preset, int8, on H200s (benchmarks/multi_gpu.py, 2026-11-30).
-HOST_RUNTIME_BYTES = int(2.75e9)
+# malloc heap), after the warm-up steps: 1.84 GB for one rank (its PSS less the packed weights; 26B preset, int8,
+# H200, session 13: benchmarks/results/multi_gpu-NVIDIA_H200-20261201-021618-dp1-dp2.json). Session 9's 2.5 GB
+# per rank counted the compile workers in it.
+HOST_RUNTIME_BYTES = int(1.85e9)
+# More per rank under torchrun (the process group: NCCL's communicator and library pages): two ranks held 4.12 GB
+# beside their one shared copy in the same run, 2.06 GB each.
+PROCESS_GROUP_HOST_BYTES = int(0.22e9)
+# PSS of one Inductor compile worker. The pool (min(32, cores) processes for the whole host) runs while the first
+# steps compile; training stops it after step 2. In the same run 32 workers held 2.25 GB (one rank) and 1.86 GB
+# (two ranks of 16) beside the launcher.
+COMPILE_WORKER_HOST_BYTES = int(70e6)
+# Host components that never coexist: loading's staging ends before the first step starts the compile workers.
+TRANSIENT_HOST_COMPONENTS = ("staging", "compile_workers")
 MASK_COPIES = 3
 
 
@@ -197,19 +207,44 @@ def gpu_components_bytes(
 
 
 def host_components_bytes(model: ModelSize, streamed: list[LayerSize], local_ranks: int = 1,
-                          shared: bool = True) -> dict[str, int]:
-    """Host memory of one host: pinned packed buffers of every decoder layer, loading staging, process runtime.
+                          shared: bool = True, num_compile_workers: int = 0) -> dict[str, int]:
+    """Host memory of one host: pinned packed buffers of every decoder layer, loading staging, process runtime
+    and, while the first steps compile, ``num_compile_workers`` Inductor workers.
 
     The engine keeps the one host copy of every layer (resident ones too), so it can re-place
     layers without reloading; ``streamed`` does not change the host footprint. With ``local_ranks``
     processes on the host (torchrun), ``shared`` (the default) means they map one copy that local
-    rank 0 alone loaded (``streamtune.distributed.shared_host``); each rank adds its runtime.
+    rank 0 alone loaded (``streamtune.distributed.shared_host``); each rank adds its runtime and its share of
+    the process group. The peak counts the larger of the two transient components
+    (:data:`TRANSIENT_HOST_COMPONENTS`), not both.
     """
     copies = 1 if shared else local_ranks
     largest_layer = max((layer.plain_bytes for layer in model.layers), default=0)
     largest_other = max((t.plain_bytes for t in model.other), default=0)
+    per_rank = HOST_RUNTIME_BYTES + (PROCESS_GROUP_HOST_BYTES if local_ranks > 1 else 0)
     return {
         "pinned_weights": copies * sum(layer.encoded_bytes for layer in model.layers),
         "staging": copies * max(largest_layer, largest_other),
-        "runtime": local_ranks * HOST_RUNTIME_BYTES,
+        "runtime": local_ranks * per_rank,
+        "compile_workers": num_compile_workers * COMPILE_WORKER_HOST_BYTES,
     }
+
+
+def host_peak_bytes(components: dict[str, int]) -> int:
+    """Peak of :func:`host_components_bytes`: the lasting components plus the larger transient one."""
+    transient = [components.get(key, 0) for key in TRANSIENT_HOST_COMPONENTS]
+    return sum(v for k, v in components.items() if k not in TRANSIENT_HOST_COMPONENTS) + max(transient)
+
+
+def num_compile_workers(kernels: str) -> int:
+    """Inductor's compile workers on this host for a run with ``train.kernels`` (none with ``eager``: nothing
+    compiles): ``TORCHINDUCTOR_COMPILE_THREADS`` when set, else ``min(32, cores)`` (torchrun's local ranks share
+    them: ``streamtune.distributed.context.share_compile_workers``)."""
+    import os
+
+    if kernels == "eager":
+        return 0
+    if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "").isdigit():
+        return int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(32, cores)

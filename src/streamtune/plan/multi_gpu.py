@@ -24,6 +24,7 @@ from typing import Any
 
 from streamtune.errors import InputError
 from streamtune.plan import timing
+from streamtune.plan.memory import host_peak_bytes
 from streamtune.plan.planner import Plan, _meta, _Settings, _targets, gib, make_plan, place_layers
 from streamtune.plan.profiles import LinkProfile
 from streamtune.plan.sizing import ModelSize, size_model
@@ -273,7 +274,7 @@ def format_multi(plan: MultiGpuPlan) -> str:
     """Plain-text comparison (``streamtune plan --gpu A,B``)."""
     names = " + ".join(f"{g.gpu_name} ({gib(b)}, {g.h2d_gbps:.0f} GB/s H2D)" for g, b in zip(plan.gpus, plan.budgets_bytes))
     lines = [f"GPUs: {names}; {plan.micro_batches} micro-batch(es) of {plan.tokens} tokens per step",
-             f"host: {gib(sum(plan.host_bytes.values()))} for both ranks (one shared copy of the weights: "
+             f"host: {gib(host_peak_bytes(plan.host_bytes))} peak for both ranks (one shared copy of the weights: "
              f"{gib(plan.host_bytes['pinned_weights'])})", ""]
     dp = plan.data_parallel
     if dp is None:

@@ -20,7 +20,8 @@ _GPU_LABELS = {
 _HOST_LABELS = {
     "pinned_weights": "pinned decoder-layer weights ({codec})",
     "staging": "loading staging (largest tensor group)",
-    "runtime": "process runtime (python, torch)",
+    "runtime": "process runtime (python, torch, CUDA)",
+    "compile_workers": "compile workers (first steps; not with staging)",
 }
 
 
