@@ -288,8 +288,8 @@ def _build(name: str, model: ModelSize, s: _Settings, gpu_budget_bytes: int, hos
         model_name=name, codec=s.codec, tokens=s.tokens, lora_rank=s.lora_rank,
         lora_trainable_params=model.lora_params, gradient_checkpointing=s.checkpointing, stream=s.stream,
         ring_slots=slots, loss_chunk_tokens=s.loss_chunk_tokens, layers=layers, groups=_groups(model, chosen),
-        gpu_bytes=gpu, host_bytes=memory.host_components_bytes(model, streamed, local_ranks,
-                                                               num_compile_workers=memory.num_compile_workers(s.kernels)),
+        gpu_bytes=gpu, host_bytes=memory.host_components_bytes(
+            model, streamed, local_ranks, num_compile_workers=memory.num_compile_workers(s.kernels)),
         gpu_budget_bytes=gpu_budget_bytes, host_budget_bytes=host_budget_bytes, timing=estimate, link=link,
         total_params=model.total_params,
         active_params=sum(x.active_params for x in model.layers) + model.hidden * model.vocab,
