@@ -57,6 +57,14 @@ def settle_heap() -> None:
     release_free_heap()
 
 
+def default_compile_workers() -> int:
+    """The size of Inductor's compile-worker pool when nothing sets it: ``min(32, usable cores)``."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(32, cores)
+
+
 def stop_compile_workers() -> int:
     """Stop Inductor's compile-worker pools; returns how many were running (0 when nothing compiled yet).
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamtune.errors import InputError, StreamtuneError
-from streamtune.hostmem import limit_malloc_arenas
+from streamtune.hostmem import default_compile_workers, limit_malloc_arenas
 
 TIMEOUT_ENV = "STREAMTUNE_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -324,8 +324,7 @@ def share_compile_workers(local_world_size: int) -> int | None:
 
     if local_world_size <= 1 or COMPILE_THREADS_ENV in os.environ:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, min(32, cores) // local_world_size)
+    share = max(1, default_compile_workers() // local_world_size)
     os.environ[COMPILE_THREADS_ENV] = str(share)  # read when torch._inductor.config is first imported
     config = sys.modules.get("torch._inductor.config")
     if config is not None:  # imported already: its pool starts at the first compile, so this still counts

@@ -244,7 +244,8 @@ def num_compile_workers(kernels: str) -> int:
 
     if kernels == "eager":
         return 0
+    from streamtune.hostmem import default_compile_workers
+
     if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "").isdigit():
         return int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(32, cores)
+    return default_compile_workers()
