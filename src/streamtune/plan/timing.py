@@ -18,7 +18,8 @@ A layer pass takes max(FLOPs / matmul speed, weight bytes read / HBM speed) on t
 mode's elementwise time per token and fixed time per pass (:class:`KernelCosts`): at small token counts
 the expert weights make MoE layers memory-bound, and expert GEMMs run at ``EXPERT_MATMUL_EFFICIENCY`` of
 the matmul speed (eager) or at an efficiency that grows with the tokens routed per expert (fast). int8/nf4
-add one dequantisation of every layer per pass (forward; recompute + backward share one). The host needs
+add one dequantisation of every layer per pass (forward; recompute + backward share one), at
+``DECODE_STEP_EFFICIENCY`` of the profile's decode speed. The host needs
 ``cpu_s_per_layer_pass`` to issue a layer pass (Python, dispatch, launches): with the fast kernels a short
 step waits on the CPU, not on the GPU. Per pass, step time is
 max(GPU compute, CPU issue, streamed bytes / H2D): streamed layers are spread between resident ones, so
@@ -123,6 +124,13 @@ class KernelCosts:
 # 0.781 s by `streamtune bench` (benchmarks/results/stream_step-NVIDIA_H200-int8-20261130-183126.json). With
 # 128 Mi it predicts 0.751 s; that step is not measured yet.
 WIDE_ATTENTION_EFFICIENCY = 0.435
+# Share of the link profile's decode speed (one 512 MB tensor, per-tensor decode, best of five) that a training
+# step's batched per-layer decode reaches (``streamtune.offload.batch_decode``). int8, profiled (session 14,
+# benchmarks/results/profile_step-NVIDIA_H200-auto-compiled-20261201-040101.json, 6-layer cut at 8192 tokens): 12
+# layer decodes of 1.63 GB took 10.8 ms, 1.81 TB/s against the profile's 2.0 TB/s. nf4, fitted (not profiled: that
+# run was cut short) to the two nf4 points of ...-nf4-20261201-033201-with-stock.json (all 30 layers resident, decoded each
+# pass): at the profile's 1.23 TB/s the planner said -14 % / -10 % at 2048 / 8192 tokens, with 0.55 -4 % / -2 %.
+DECODE_STEP_EFFICIENCY = {"int8": 0.9, "nf4": 0.55}
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
     "fast": KernelCosts(attention_efficiency=0.21, gpu_s_per_layer_pass=0.00031, elementwise_s_per_token=0.441e-6,
@@ -196,7 +204,7 @@ def compute_seconds(model: ModelSize, tokens: int, rank: int, codec: str, checkp
     issue each pass (``cpu_forward``, ``cpu_backward``), in seconds."""
     costs = kernel_costs(kernels)
     forward = backward = 0.0
-    dequant = link.dequant_gbps_for(codec) * GB
+    dequant = link.dequant_gbps_for(codec) * DECODE_STEP_EFFICIENCY.get(codec, 1.0) * GB
     elementwise = costs.elementwise_s_per_token * tokens * CALIBRATION_HBM_GBPS / link.hbm_gbps
     per_pass = costs.gpu_s_per_layer_pass + elementwise
     grouped = kernels != "eager"
