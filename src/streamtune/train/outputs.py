@@ -1,5 +1,5 @@
-"""What a run writes beside its checkpoints: adapter files in each checkpoint, the best mark,
-checkpoint retention, the model card and the HTML report.
+"""What a run writes beside its checkpoints: the base model of a small preset, the placement record, adapter
+files in each checkpoint, the best mark, checkpoint retention, the model card and the HTML report.
 
 The recipe calls these at each checkpoint and when it saves the final adapter. The card and the
 report never stop training: their failures are warned about once.
@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 from streamtune.train import retention
 
+BASE_DIR = "base"
+PLACEMENT_FILE = "placement.json"
+MAX_SAVED_BASE_BYTES = 2 * 2**30
 _warned: set[str] = set()
 
 
@@ -61,3 +64,42 @@ def refresh_report(run_dir: Path) -> None:
         refresh_run_report(run_dir)
     except Exception as exc:  # e.g. the report package itself failed to import
         _warn_once("the run report", exc)
+
+
+def save_base(model_cfg: Any, codec: str, dtype: Any, base: Any, tokenizer: Any, run_dir: Path,
+              is_main: bool) -> dict[str, Any]:
+    """The adapter's ``base_info``; for a preset up to ``MAX_SAVED_BASE_BYTES`` also ``RUN/base`` (rank 0 writes it
+    once), so stock PEFT can load the adapter onto the same random weights."""
+    from streamtune.models import is_preset
+
+    preset = is_preset(model_cfg.name)
+    base_info = {
+        "model_name": model_cfg.name if preset else str(Path(model_cfg.name).expanduser().resolve()),
+        "preset": preset, "seed": model_cfg.seed, "dtype": str(dtype).removeprefix("torch."),
+        "trust_remote_code": model_cfg.trust_remote_code, "base_dir": None, "codec": codec,
+    }
+    size_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    if not preset or size_bytes > MAX_SAVED_BASE_BYTES:
+        return base_info
+    base_info["base_dir"] = BASE_DIR
+    base_dir = Path(run_dir) / BASE_DIR
+    if is_main and not (base_dir / "config.json").is_file():
+        base.load_all()
+        base.model.save_pretrained(str(base_dir))
+        tokenizer.save_pretrained(str(base_dir))
+    return base_info
+
+
+def write_placement(run_dir: Path, placement: Any, device: Any, kernels: Any, kernels_applied: dict[str, Any],
+                    **extra: Any) -> None:
+    """``RUN/placement.json``: where each layer lives, which codec stores each frozen tensor, the kernels, and
+    ``extra`` (loading, pack cache, world size, shared host copy)."""
+    import json
+
+    from streamtune.files import atomic_write_bytes
+
+    if extra.get("pack_cache") is not None:
+        extra["pack_cache"] = extra["pack_cache"].stats()
+    record = {**placement.describe(), "device": str(device), "kernels": {**kernels.describe(), **kernels_applied},
+              "tensor_codecs": placement.tensor_codecs(), **extra}
+    atomic_write_bytes(Path(run_dir) / PLACEMENT_FILE, json.dumps(record, indent=1).encode())

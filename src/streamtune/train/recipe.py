@@ -38,10 +38,7 @@ from streamtune.train.support import (
     check_cache_dir, check_vocab, due, gpu_peak, note, num_tokens, plain, report_loading, reset_peak, sync, to_device,
 )
 
-BASE_DIR = "base"
 ADAPTER_DIR = "adapter"
-PLACEMENT_FILE = "placement.json"
-MAX_SAVED_BASE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -181,25 +178,8 @@ class Recipe:
         check_vocab(self.model, self.tokenizer)
 
     def _save_base(self) -> None:
-        from streamtune.models import is_preset
-
-        m = self.cfg.model
-        self.base_info = {
-            "model_name": m.name if is_preset(m.name) else str(Path(m.name).expanduser().resolve()),
-            "preset": is_preset(m.name), "seed": m.seed, "dtype": str(self.dtype).removeprefix("torch."),
-            "trust_remote_code": m.trust_remote_code, "base_dir": None, "codec": self.cfg.memory.codec,
-        }
-        size_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if not is_preset(m.name) or size_bytes > MAX_SAVED_BASE_BYTES:
-            return
-        self.base_info["base_dir"] = BASE_DIR
-        if not self.dist.is_main:
-            return
-        base_dir = self.run_dir / BASE_DIR
-        if not (base_dir / "config.json").is_file():
-            self.base.load_all()
-            self.model.save_pretrained(str(base_dir))
-            self.tokenizer.save_pretrained(str(base_dir))
+        self.base_info = outputs.save_base(self.cfg.model, self.cfg.memory.codec, self.dtype, self.base,
+                                           self.tokenizer, self.run_dir, self.dist.is_main)
 
     def _attach_and_place(self) -> None:
         import torch
@@ -246,17 +226,9 @@ class Recipe:
         self.kernels_applied = apply_kernels(self.model, self.kernels)
 
     def _record_placement(self) -> None:
-        """``RUN/placement.json``: where each layer lives and which codec stores each frozen tensor."""
-        import json
-
-        from streamtune.files import atomic_write_bytes
-
-        record = {**self.placement.describe(), "device": str(self.device),
-                  "kernels": {**self.kernels.describe(), **self.kernels_applied},
-                  "tensor_codecs": self.placement.tensor_codecs(), "loading": self.load_stats,
-                  "pack_cache": self.pack_cache.stats() if self.pack_cache is not None else None,
-                  "world_size": self.dist.world_size, "shared_host": self.shared_host}
-        atomic_write_bytes(self.run_dir / PLACEMENT_FILE, json.dumps(record, indent=1).encode())
+        outputs.write_placement(self.run_dir, self.placement, self.device, self.kernels, self.kernels_applied,
+                                loading=self.load_stats, pack_cache=self.pack_cache, world_size=self.dist.world_size,
+                                shared_host=self.shared_host)
 
     def _pack_cache(self) -> Any:
         if not self.cfg.memory.cache_dir:  # check_cache_dir refused it for a preset before anything loaded
