@@ -84,3 +84,23 @@ def test_the_model_is_put_in_training_mode_only_when_it_is_not(tmp_path, monkeyp
     assert (run / "adapter").is_dir()
     # eval() is train(False): each of the two evaluations goes to eval and back; the steps add no call
     assert modes == [False, True] * 2, modes
+
+
+def test_compiled_layers_build_their_graphs_once_and_the_settle_makes_no_step_compile_again(tmp_path, monkeypatch):
+    """After step 2 training stops Inductor's compile workers and drops torch.compile's artifact records (and
+    again after each collection): the compiled layers must go on running the graphs built by the first step, not
+    compile again (a recompile in every later step would cost seconds per step on the GPU)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    compiled = []
+
+    def count(self, step):
+        stats = dynamo_utils.counters["stats"]
+        compiled.append((stats["unique_graphs"], sum(dynamo_utils.counters["recompiles"].values())))
+
+    monkeypatch.setattr(recipe.Recipe, "on_step_end", count)
+    raw = small_run_dict(tmp_path / "run", train={"max_steps": 6, "save_every": 0, "gc_every_steps": 2,
+                                                  "kernels": "auto", "compile_layers": True})
+    train(from_dict(raw))
+    assert len(compiled) == 6
+    assert all(seen == compiled[0] for seen in compiled[1:]), compiled
