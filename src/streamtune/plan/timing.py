@@ -128,8 +128,9 @@ WIDE_ATTENTION_EFFICIENCY = 0.435
 # step's batched per-layer decode reaches (``streamtune.offload.batch_decode``). int8, profiled (session 14,
 # benchmarks/results/profile_step-NVIDIA_H200-auto-compiled-20261201-040101.json, 6-layer cut at 8192 tokens): 12
 # layer decodes of 1.63 GB took 10.8 ms, 1.81 TB/s against the profile's 2.0 TB/s. nf4, fitted (not profiled: that
-# run was cut short) to the two nf4 points of ...-nf4-20261201-033201-with-stock.json (all 30 layers resident, decoded each
-# pass): at the profile's 1.23 TB/s the planner said -14 % / -10 % at 2048 / 8192 tokens, with 0.55 -4 % / -2 %.
+# run was cut short) to the two nf4 points of ...-nf4-20261201-033201-with-stock.json (all 30 layers resident,
+# decoded each pass): at the profile's 1.23 TB/s the planner said -14 % / -10 % at 2048 / 8192 tokens, with 0.55
+# -4 % / -2 % (tests/plan/test_bench_points.py keeps every current bench point within 10 %).
 DECODE_STEP_EFFICIENCY = {"int8": 0.9, "nf4": 0.55}
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
