@@ -57,12 +57,27 @@ def settle_heap() -> None:
     release_free_heap()
 
 
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
+
+
 def default_compile_workers() -> int:
     """The size of Inductor's compile-worker pool when nothing sets it: ``min(32, usable cores)``."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(32, cores)
+
+
+def compile_workers_per_process(local_ranks: int = 1) -> int:
+    """Inductor compile workers each of ``local_ranks`` processes on a host starts: ``TORCHINDUCTOR_COMPILE_THREADS``
+    when set (by the user, or by ``streamtune.distributed.context.share_compile_workers`` in a torchrun rank), else
+    its share of the default pool (what ``share_compile_workers`` gives each rank; the whole pool for one process)."""
+    import os
+
+    value = os.environ.get(COMPILE_THREADS_ENV, "")
+    if value.isdigit():
+        return int(value)
+    return max(1, default_compile_workers() // max(1, local_ranks))
 
 
 def stop_compile_workers() -> int:

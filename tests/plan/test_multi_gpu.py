@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from streamtune import hostmem
 from streamtune.cli import main
 from streamtune.plan import GPU_PROFILES, make_plan, memory
 from streamtune.plan.multi_gpu import format_multi, plan_gpus
@@ -24,7 +25,9 @@ def test_rtx_pro_2000_profile():
     assert [p.gpu_name for p in resolve_gpu_list("RTX4090, rtx-pro-2000")] == ["rtx4090", "rtx-pro-2000"]
 
 
-def test_shared_host_copy_is_counted_once():
+def test_shared_host_copy_is_counted_once(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(hostmem, "default_compile_workers", lambda: 32)
     one = make_plan(MODEL, codec="int8", gpu="rtx4090")
     two = make_plan(MODEL, codec="int8", gpu="rtx4090", local_ranks=2)
     assert two.host_bytes["pinned_weights"] == one.host_bytes["pinned_weights"]
@@ -32,6 +35,16 @@ def test_shared_host_copy_is_counted_once():
     # each rank adds its runtime and its share of the process group (measured: 1.84 GB alone, 2.06 GB each of two)
     assert two.host_bytes["runtime"] == 2 * (one.host_bytes["runtime"] + memory.PROCESS_GROUP_HOST_BYTES)
     assert two.host_bytes["compile_workers"] == one.host_bytes["compile_workers"]  # the host's pool, shared
+
+
+def test_compile_workers_are_each_ranks_pool_times_the_local_ranks(monkeypatch):
+    """Inside a torchrun rank ``share_compile_workers`` has set the variable to the rank's share, and a user's
+    setting is per process too: the host holds one pool per local rank."""
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "16")
+    two = make_plan(MODEL, codec="int8", gpu="rtx4090", local_ranks=2)
+    assert two.host_bytes["compile_workers"] == 32 * memory.COMPILE_WORKER_HOST_BYTES
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "0")  # compiles in the rank's own process
+    assert make_plan(MODEL, codec="int8", gpu="rtx4090", local_ranks=2).host_bytes["compile_workers"] == 0
 
 
 def test_host_peak_counts_the_larger_of_loading_staging_and_the_compile_workers(monkeypatch):

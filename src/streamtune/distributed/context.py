@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamtune.errors import InputError, StreamtuneError
-from streamtune.hostmem import default_compile_workers, limit_malloc_arenas
+from streamtune.hostmem import COMPILE_THREADS_ENV, compile_workers_per_process, limit_malloc_arenas
 
 TIMEOUT_ENV = "STREAMTUNE_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -308,9 +308,6 @@ def init_from_env(device_name: str = "auto") -> tuple[DistContext, Any]:
     return ctx, device
 
 
-COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
-
-
 def share_compile_workers(local_world_size: int) -> int | None:
     """Give each local rank its share of the host's cores for Inductor's compile workers; returns the share.
 
@@ -324,7 +321,7 @@ def share_compile_workers(local_world_size: int) -> int | None:
 
     if local_world_size <= 1 or COMPILE_THREADS_ENV in os.environ:
         return None
-    share = max(1, default_compile_workers() // local_world_size)
+    share = compile_workers_per_process(local_world_size)
     os.environ[COMPILE_THREADS_ENV] = str(share)  # read when torch._inductor.config is first imported
     config = sys.modules.get("torch._inductor.config")
     if config is not None:  # imported already: its pool starts at the first compile, so this still counts

@@ -236,16 +236,11 @@ def host_peak_bytes(components: dict[str, int]) -> int:
     return sum(v for k, v in components.items() if k not in TRANSIENT_HOST_COMPONENTS) + max(transient)
 
 
-def num_compile_workers(kernels: str) -> int:
-    """Inductor's compile workers on this host for a run with ``train.kernels`` (none with ``eager``: nothing
-    compiles): ``TORCHINDUCTOR_COMPILE_THREADS`` when set, else ``min(32, cores)`` (torchrun's local ranks share
-    them: ``streamtune.distributed.context.share_compile_workers``)."""
-    import os
-
+def num_compile_workers(kernels: str, local_ranks: int = 1) -> int:
+    """Inductor's compile workers on a host of ``local_ranks`` processes running ``train.kernels`` (none with
+    ``eager``: nothing compiles): each process's pool (``hostmem.compile_workers_per_process``), all of them."""
     if kernels == "eager":
         return 0
-    from streamtune.hostmem import default_compile_workers
+    from streamtune.hostmem import compile_workers_per_process
 
-    if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "").isdigit():
-        return int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
-    return default_compile_workers()
+    return local_ranks * compile_workers_per_process(local_ranks)

@@ -289,7 +289,7 @@ def _build(name: str, model: ModelSize, s: _Settings, gpu_budget_bytes: int, hos
         lora_trainable_params=model.lora_params, gradient_checkpointing=s.checkpointing, stream=s.stream,
         ring_slots=slots, loss_chunk_tokens=s.loss_chunk_tokens, layers=layers, groups=_groups(model, chosen),
         gpu_bytes=gpu, host_bytes=memory.host_components_bytes(
-            model, streamed, local_ranks, num_compile_workers=memory.num_compile_workers(s.kernels)),
+            model, streamed, local_ranks, num_compile_workers=memory.num_compile_workers(s.kernels, local_ranks)),
         gpu_budget_bytes=gpu_budget_bytes, host_budget_bytes=host_budget_bytes, timing=estimate, link=link,
         total_params=model.total_params,
         active_params=sum(x.active_params for x in model.layers) + model.hidden * model.vocab,
