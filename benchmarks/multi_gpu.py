@@ -500,6 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
 
+# the report's "second rank adds" lines: (when, ((result key, what it measures), ...))
+SECOND_RANK_LINES = (
+    ("while training (max over steps 1-N)", (("host_train_bytes", "in use"), ("host_train_pss_bytes", "job PSS"))),
+    ("after the warm-up steps (compile workers stopped)",
+     (("host_steady_bytes", "in use"), ("host_steady_rank_pss_bytes", "PSS of the ranks"),
+      ("host_steady_other_pss_bytes", "PSS of the other processes"))),
+)
+
+
 def _delta_gb(one: dict, two: dict, key: str) -> float | None:
     """``two[key] - one[key]`` in GB, None when either was not measured."""
     if one.get(key) is None or two.get(key) is None:
@@ -520,14 +529,10 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
     if "dp1" in by_mode and "dp2" in by_mode and by_mode["dp1"].get("tok_s"):
         one, two = by_mode["dp1"], by_mode["dp2"]
         print(f"2-GPU speed-up: {two.get('tok_s', 0) / one['tok_s']:.2f}x (target >= 1.8x)")
-        for label, keys in (("while training (max over steps 1-N)", ("host_train_bytes", "host_train_pss_bytes")),
-                            ("after the warm-up steps (compile workers stopped)",
-                             ("host_steady_bytes", "host_steady_rank_pss_bytes", "host_steady_other_pss_bytes"))):
-            deltas = [_delta_gb(one, two, key) for key in keys]
-            words = (["in use", "job PSS"] if len(keys) == 2
-                     else ["in use", "PSS of the ranks", "PSS of the other processes"])
+        for label, measures in SECOND_RANK_LINES:
+            deltas = [(_delta_gb(one, two, key), words) for key, words in measures]
             print(f"second rank adds, {label}: " + ", ".join(
-                f"{'n/a' if d is None else f'{d:.2f}'} GB {w}" for d, w in zip(deltas, words)) + " (target < 2 GB)")
+                f"{'n/a' if d is None else f'{d:.2f}'} GB {words}" for d, words in deltas) + " (target < 2 GB)")
     for r in results:
         for rank, times in (r.get("rank_times") or {}).items():
             print(f"{r['mode']} rank {rank}: median step {times.get('step_s', float('nan')):.3f} s, its micro-batches "
