@@ -63,7 +63,7 @@ def quick_link(device: Any) -> dict[str, Any]:
     from streamtune.quant.bench import benchmark_decode
 
     props = torch.cuda.get_device_properties(device)
-    decode = benchmark_decode(device, numel=1 << 24, repeats=3)
+    decode = benchmark_decode(device, repeats=3)  # the bench's size: a 32 MB decode timed its launches
     return {
         "gpu_name": props.name, "gpu_memory_bytes": int(props.total_memory),
         "h2d_gbps": measure_h2d(256 << 20, pinned=True, repeats=3, device=device),

@@ -19,6 +19,7 @@ CURRENT_RUNS = {
     "stream_step-NVIDIA_H200-int8-20261201-001057.json": "int8",
     "stream_step-NVIDIA_H200-nf4-20261201-033201-with-stock.json": "nf4",
     "stream_step-NVIDIA_H200-bf16-20261201-001418.json": "bf16",
+    "stream_step-NVIDIA_H200-bf16-20261201-051614-with-stock.json": "bf16",
 }
 
 

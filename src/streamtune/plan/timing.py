@@ -127,10 +127,12 @@ WIDE_ATTENTION_EFFICIENCY = 0.435
 # Share of the link profile's decode speed (one 512 MB tensor, per-tensor decode, best of five) that a training
 # step's batched per-layer decode reaches (``streamtune.offload.batch_decode``). int8, profiled (session 14,
 # benchmarks/results/profile_step-NVIDIA_H200-auto-compiled-20261201-040101.json, 6-layer cut at 8192 tokens): 12
-# layer decodes of 1.63 GB took 10.8 ms, 1.81 TB/s against the profile's 2.0 TB/s. nf4, fitted (not profiled: that
-# run was cut short) to the two nf4 points of ...-nf4-20261201-033201-with-stock.json (all 30 layers resident,
-# decoded each pass): at the profile's 1.23 TB/s the planner said -14 % / -10 % at 2048 / 8192 tokens, with 0.55
-# -4 % / -2 % (tests/plan/test_bench_points.py keeps every current bench point within 10 %).
+# layer decodes of 1.63 GB took 10.8 ms, 1.81 TB/s against the profile's 2.0 TB/s. nf4, fitted to the two nf4 points
+# of ...-nf4-20261201-033201-with-stock.json (all 30 layers resident, decoded each pass): at that run's profile,
+# 1.23 TB/s, the planner said -14 % / -10 % at 2048 / 8192 tokens, with 0.55 -4 % / -2 %. Profiled since (session
+# 15, ...-nf4-compiled-20261201-052051.json, the same cut): 12 decodes in 27.9 ms, 0.70 TB/s, where the fit says
+# 0.55 x 1.23 = 0.68 TB/s. The profile's nf4 speed varies between runs (1.03 TB/s in that one), so the factor is
+# the fit's. tests/plan/test_bench_points.py keeps every current bench point within 10 %.
 DECODE_STEP_EFFICIENCY = {"int8": 0.9, "nf4": 0.55}
 KERNEL_COSTS = {
     "eager": KernelCosts(ATTENTION_EFFICIENCY, LAYER_PASS_OVERHEAD_S, 0.0, 0.0),
