@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamtune import devices
-from streamtune.plan.profiles import GPU_PROFILES, load_link_profile, save_link_profile
+from streamtune.plan.profiles import DECODE_TIMING_NUMEL, GPU_PROFILES, load_link_profile, save_link_profile
 
 H200_BYTES = 150_000_000_000
 
@@ -26,7 +26,7 @@ def fake_h200(monkeypatch):
     def quick_link(device):
         calls.append(device)
         return {"gpu_name": props.name, "gpu_memory_bytes": H200_BYTES, "h2d_gbps": 55.0, "matmul_tflops": 790.0,
-                "dequant_gbps": {"int8": 1500.0, "nf4": 1100.0}}
+                "dequant_gbps": {"int8": 1500.0, "nf4": 1100.0}, "decode_numel": DECODE_TIMING_NUMEL}
 
     monkeypatch.setattr(devices, "quick_link", quick_link)
     return calls
@@ -49,6 +49,20 @@ def test_cache_of_another_card_is_measured_again(fake_h200, tmp_path):
     profile = devices.detect_link_profile(path=path)
     assert len(fake_h200) == 1 and profile.gpu_name == "NVIDIA H200"
     assert load_link_profile(path).gpu_name == "NVIDIA H200"
+
+
+def test_cache_timed_on_a_small_decode_is_measured_again(fake_h200, tmp_path, capsys):
+    """Profiles cached before the decode was timed on DECODE_TIMING_NUMEL elements had launch-bound decode speeds."""
+    path = tmp_path / "link.json"
+    save_link_profile(55.0, 600.0, "NVIDIA H200", {"int8": 404.0, "nf4": 160.0}, path=path)  # no decode_numel
+    assert devices.detect_link_profile(path=path, measure=False).dequant_gbps["nf4"] == 160.0
+    assert fake_h200 == []
+    profile = devices.detect_link_profile(path=path)
+    assert len(fake_h200) == 1 and profile.dequant_gbps["nf4"] == 1100.0
+    assert profile.decode_numel == DECODE_TIMING_NUMEL == load_link_profile(path).decode_numel
+    assert "timed on a smaller tensor" in capsys.readouterr().err
+    devices.detect_link_profile(path=path)
+    assert len(fake_h200) == 1
 
 
 def test_failed_measurement_falls_back_to_the_named_profile(fake_h200, monkeypatch, tmp_path):

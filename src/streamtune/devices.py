@@ -60,7 +60,7 @@ def quick_link(device: Any) -> dict[str, Any]:
     """A few seconds' measurement of ``device``: what the planner needs (raw speeds, not scaled)."""
     import torch
 
-    from streamtune.quant.bench import benchmark_decode
+    from streamtune.quant.bench import DEFAULT_DECODE_NUMEL, benchmark_decode
 
     props = torch.cuda.get_device_properties(device)
     decode = benchmark_decode(device, repeats=3)  # the bench's size: a 32 MB decode timed its launches
@@ -68,14 +68,15 @@ def quick_link(device: Any) -> dict[str, Any]:
         "gpu_name": props.name, "gpu_memory_bytes": int(props.total_memory),
         "h2d_gbps": measure_h2d(256 << 20, pinned=True, repeats=3, device=device),
         "matmul_tflops": measure_matmul_tflops(repeats=5, device=device),
-        "dequant_gbps": {k: v for k, v in decode.items() if k != "bf16"},
+        "dequant_gbps": {k: v for k, v in decode.items() if k != "bf16"}, "decode_numel": DEFAULT_DECODE_NUMEL,
     }
 
 
 def detect_link_profile(device: Any = None, path: str | Path | None = None, measure: bool = True) -> Any:
     """The speed profile of the CUDA ``device`` (default: the current one) for the planner.
 
-    The cached profile when its card has this card's name; else (``measure``) a quick measurement, cached;
+    The cached profile when its card has this card's name (and its decode speeds were timed on
+    ``DECODE_TIMING_NUMEL`` elements, else it is measured again); else (``measure``) a quick measurement, cached;
     else the named profile closest to the card's name, with the card's real memory. The profile's
     ``source`` says which.
 
@@ -84,22 +85,26 @@ def detect_link_profile(device: Any = None, path: str | Path | None = None, meas
     """
     import torch
 
-    from streamtune.plan.profiles import closest_named, load_link_profile, replace, save_link_profile
+    from streamtune.plan.profiles import (DECODE_TIMING_NUMEL, closest_named, load_link_profile, replace,
+                                          save_link_profile)
 
     if not torch.cuda.is_available():
         raise RuntimeError("detect_link_profile needs a CUDA device")
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     props = torch.cuda.get_device_properties(device)
     cached = load_link_profile(path)
+    why = "once per card"
     if cached is not None and cached.gpu_name == props.name:
-        return cached
+        if cached.decode_numel == DECODE_TIMING_NUMEL or not measure:
+            return cached
+        why = "its cached decode speeds were timed on a smaller tensor"
     if measure:
         try:
-            print(f"measuring the speeds of {props.name} for the planner (once per card) ...", file=sys.stderr)
+            print(f"measuring the speeds of {props.name} for the planner ({why}) ...", file=sys.stderr)
             raw = quick_link(device)
             saved = save_link_profile(raw["h2d_gbps"], raw["matmul_tflops"] * PLANNER_MATMUL_FRACTION,
-                                      raw["gpu_name"], raw["dequant_gbps"],
-                                      gpu_memory_bytes=raw["gpu_memory_bytes"], path=path)
+                                      raw["gpu_name"], raw["dequant_gbps"], gpu_memory_bytes=raw["gpu_memory_bytes"],
+                                      path=path, decode_numel=raw.get("decode_numel"))
             return load_link_profile(saved)
         except (RuntimeError, OSError) as exc:  # out of memory, unwritable cache: plan with the defaults
             print(f"measuring {props.name} failed ({exc}); planning with its named profile", file=sys.stderr)

@@ -135,7 +135,7 @@ def cap_gpu_memory(budget_bytes: int | None) -> None:
 
 def measure_link() -> dict[str, Any]:
     """What ``streamtune bench --link`` measures and caches for the planner."""
-    from streamtune.quant.bench import benchmark_decode
+    from streamtune.quant.bench import DEFAULT_DECODE_NUMEL, benchmark_decode
 
     decode = benchmark_decode("cuda")
     props = torch.cuda.get_device_properties(0)
@@ -146,4 +146,5 @@ def measure_link() -> dict[str, Any]:
         "h2d_pageable_gbps": measure_h2d(pinned=False, repeats=2),
         "matmul_tflops": measure_matmul_tflops(),
         "dequant_gbps": {k: v for k, v in decode.items() if k != "bf16"},
+        "decode_numel": DEFAULT_DECODE_NUMEL,
     }

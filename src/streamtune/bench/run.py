@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
         # cached as the planner uses it (the same scaling as the bench's own predictions)
         path = save_link_profile(link["h2d_gbps"], link["matmul_tflops"] * PLANNER_MATMUL_FRACTION,
-                                 link["gpu_name"], link["dequant_gbps"], gpu_memory_bytes=link["gpu_memory_bytes"])
+                                 link["gpu_name"], link["dequant_gbps"], gpu_memory_bytes=link["gpu_memory_bytes"],
+                                 decode_numel=link["decode_numel"])
         print(f"link profile saved to {path}")
         return 0
     results: list[dict[str, Any]] = []

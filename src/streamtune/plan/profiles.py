@@ -5,7 +5,8 @@ A measured profile is cached as JSON in ``~/.cache/streamtune/link.json`` (``$XD
     {"h2d_gbps": 54.2, "dequant_gbps": {"int8": 900.0, "nf4": 700.0}, "matmul_tflops": 610.0,
      "gpu_name": "NVIDIA H200", "gpu_memory_bytes": 150...}
 
-``gpu_memory_bytes`` and ``hbm_gbps`` are optional there. All speeds are in 10**9 bytes/s (GB/s) and
+``gpu_memory_bytes``, ``hbm_gbps`` and ``decode_numel`` (the size of the tensor the decode speeds were
+timed on; ``DECODE_TIMING_NUMEL`` now) are optional there. All speeds are in 10**9 bytes/s (GB/s) and
 10**12 FLOP/s; dequantisation speed counts bf16 output bytes per second.
 """
 
@@ -27,6 +28,10 @@ ACHIEVED_MATMUL_FRACTION = 0.55
 ACHIEVED_HBM_FRACTION = 0.75
 # Dequantisation speed, in bf16 output bytes/s, as a share of the HBM bandwidth when not measured.
 DEQUANT_HBM_FRACTION = {"int8": 0.45, "nf4": 0.35}
+# Elements of the tensor a profile's decode speeds are timed on (512 MB of bf16 output, a large layer tensor's
+# size). Before session 15 the card's own quick measurement used 16 Mi (32 MB), which kernel launches dominate
+# (nf4 160 GB/s instead of 1.2 TB/s on an H200); profiles cached without this number are measured again.
+DECODE_TIMING_NUMEL = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class LinkProfile:
         hbm_gbps: achieved GPU memory bandwidth, 10**9 bytes/s.
         dequant_gbps: per codec, bf16 bytes/s produced by dequantisation, 10**9 bytes/s.
         source: where the numbers come from (``default rtx4090`` or the cache file path).
+        decode_numel: elements of the tensor ``dequant_gbps`` was timed on (None: not recorded).
     """
 
     gpu_name: str
@@ -50,6 +56,7 @@ class LinkProfile:
     hbm_gbps: float
     dequant_gbps: dict[str, float] = field(default_factory=dict)
     source: str = "default"
+    decode_numel: int | None = None
 
     def dequant_gbps_for(self, codec: str) -> float:
         """Dequantisation speed of ``codec`` (bf16 output GB/s); bf16 needs none (infinite)."""
@@ -128,12 +135,14 @@ def profile_from_measurement(raw: dict, source: str = "measured") -> LinkProfile
         hbm_gbps=float(raw.get("hbm_gbps") or like.hbm_gbps),
         dequant_gbps={str(k): float(v) for k, v in (raw.get("dequant_gbps") or {}).items()},
         source=source,
+        decode_numel=int(raw["decode_numel"]) if raw.get("decode_numel") else None,
     )
 
 
 def save_link_profile(
     h2d_gbps: float, matmul_tflops: float, gpu_name: str, dequant_gbps: dict[str, float] | None = None,
     gpu_memory_bytes: int | None = None, hbm_gbps: float | None = None, path: str | Path | None = None,
+    decode_numel: int | None = None,
 ) -> Path:
     """Write a measured profile (the format :func:`load_link_profile` reads) and return its path."""
     path = Path(path) if path is not None else link_profile_path()
@@ -144,6 +153,8 @@ def save_link_profile(
         raw["gpu_memory_bytes"] = int(gpu_memory_bytes)
     if hbm_gbps is not None:
         raw["hbm_gbps"] = float(hbm_gbps)
+    if decode_numel is not None:
+        raw["decode_numel"] = int(decode_numel)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(raw, indent=2) + "\n")
     tmp.replace(path)

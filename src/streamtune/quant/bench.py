@@ -6,9 +6,10 @@ import time
 
 import torch
 
+from streamtune.plan.profiles import DECODE_TIMING_NUMEL
 from streamtune.quant import CODECS, get_codec
 
-DEFAULT_DECODE_NUMEL = 1 << 28
+DEFAULT_DECODE_NUMEL = DECODE_TIMING_NUMEL
 DEFAULT_ENCODE_NUMEL = 100 * (1 << 20)
 # Problem: a decode's speed depends on its size (a 32 MB decode is bound by its launches, a layer's tensors are
 # hundreds of MB), but encoding a layer-sized tensor on the CPU takes seconds. Solution: encode at most this
