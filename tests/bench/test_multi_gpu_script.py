@@ -9,6 +9,7 @@ from streamtune.config import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+import host_sampler  # noqa: E402
 import multi_gpu  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def test_job_pss_counts_a_ranks_children_as_other_processes():
     launcher = subprocess.Popen(["bash", "-c", f"env LOCAL_RANK=0 bash -c \"{rank}\"; true"], env=env)
     try:
         for _ in range(100):
-            ranks, others = multi_gpu._job_pss_bytes(launcher.pid)
+            ranks, others = host_sampler.job_pss_bytes(launcher.pid)
             if others > 80e6:
                 break
             time.sleep(0.1)
@@ -67,19 +68,19 @@ def test_job_pss_counts_a_ranks_children_as_other_processes():
 
 
 def test_run_phases_follow_the_logged_steps():
-    assert [multi_gpu.run_phase(n, False) for n in (-1, 0, 1, 2, 3, 9)] == [0, 1, 2, 2, 3, 3]
-    assert multi_gpu.run_phase(9, True) == 0
+    assert [host_sampler.run_phase(n, False) for n in (-1, 0, 1, 2, 3, 9)] == [0, 1, 2, 2, 3, 3]
+    assert host_sampler.run_phase(9, True) == 0
 
 
 def test_host_sampler_keeps_a_pss_only_in_the_phase_it_was_measured_in():
     measured = iter([(10, 5), (20, 1), (30, 2), (40, 3)])
-    sampler = multi_gpu.HostSampler(lambda: next(measured))
+    sampler = host_sampler.HostSampler(lambda: next(measured))
     # a PSS on entering each phase, and every PSS_EVERY_SAMPLES samples: phase 2's PSS (compile workers alive)
     # must not reach the steady maximum
-    phases = [1] + [2] * (multi_gpu.PSS_EVERY_SAMPLES - 1) + [3, 3]
+    phases = [1] + [2] * (host_sampler.PSS_EVERY_SAMPLES - 1) + [3, 3]
     for index, phase in enumerate(phases):
         sampler.sample(phase, 100 + index)
-    assert [s[2] for s in sampler.samples] == [10] + [20] * (multi_gpu.PSS_EVERY_SAMPLES - 1) + [30, 30]
+    assert [s[2] for s in sampler.samples] == [10] + [20] * (host_sampler.PSS_EVERY_SAMPLES - 1) + [30, 30]
     summary = sampler.summary()
     assert summary["host_steady_rank_pss_bytes"] == 30 and summary["host_steady_other_pss_bytes"] == 2
     assert summary["host_train_pss_bytes"] == 32 and summary["host_steady_bytes"] == 100 + len(phases) - 1
