@@ -64,12 +64,14 @@ def quick_link(device: Any) -> dict[str, Any]:
 
     props = torch.cuda.get_device_properties(device)
     decode = benchmark_decode(device, repeats=3)  # the bench's size: a 32 MB decode timed its launches
-    return {
+    raw = {
         "gpu_name": props.name, "gpu_memory_bytes": int(props.total_memory),
         "h2d_gbps": measure_h2d(256 << 20, pinned=True, repeats=3, device=device),
         "matmul_tflops": measure_matmul_tflops(repeats=5, device=device),
         "dequant_gbps": {k: v for k, v in decode.items() if k != "bf16"}, "decode_numel": DEFAULT_DECODE_NUMEL,
     }
+    torch.cuda.empty_cache()  # about 1 GB of test tensors: give it back before the run places its layers
+    return raw
 
 
 def detect_link_profile(device: Any = None, path: str | Path | None = None, measure: bool = True) -> Any:
