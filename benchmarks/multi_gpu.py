@@ -65,6 +65,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trace each rank's Python allocations from placement on (slows the first step's compiles) "
                         "and print them by package beside glibc's heap counters")
     p.add_argument("--overlap-grad-reduce", action="store_true", help="train.overlap_grad_reduce: true in every mode")
+    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="train.dist_backend in every mode (gloo: no NCCL in the ranks, gradients summed on the host)")
     p.add_argument("--trace-native", action="store_true",
                    help="rank 0 records its native allocations (memray, if installed) from placement to the end of "
                         "step 2 and prints what is still live by family and function (slow: use --num-layers)")
@@ -263,7 +265,8 @@ def _config(root: Path, args: argparse.Namespace, name: str, grad_accum: int, to
         "lora": {"rank": 16, "alpha": 32},
         "memory": {"codec": args.codec, "stream": args.stream},
         "train": {"max_steps": args.steps, "lr": 1e-4, "warmup_steps": 1, "batch_size": 1, "grad_accum": grad_accum,
-                  "device": args.device, "save_every": 0, "overlap_grad_reduce": args.overlap_grad_reduce},
+                  "device": args.device, "save_every": 0, "overlap_grad_reduce": args.overlap_grad_reduce,
+                  "dist_backend": args.dist_backend},
         "output": {"dir": str(root / name), "progress": True},
     }
     path = root / f"{name}.yaml"

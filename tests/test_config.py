@@ -232,3 +232,14 @@ def test_an_optional_switch_takes_auto_and_a_wrong_value_names_the_choices():
         config.load(example, ["train.compile_layers=sometimes"])
     with pytest.raises(ConfigError, match=r"output\.progress: 'sometimes' is not true or false"):
         config.load(example, ["output.progress=sometimes"])
+
+
+def test_dist_backend_choices_and_nccl_on_the_cpu_are_checked(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny-llama"}, "data": {"path": "d.jsonl"}}))
+    assert config.load(path).train.dist_backend == "auto"
+    assert config.load(path, ["train.dist_backend=gloo", "train.device=cuda"]).train.dist_backend == "gloo"
+    with pytest.raises(ConfigError, match=r"train\.dist_backend: 'mpi' is not allowed; allowed: auto, nccl, gloo"):
+        config.load(path, ["train.dist_backend=mpi"])
+    with pytest.raises(ConfigError, match=r"train\.dist_backend: nccl needs train\.device cuda or auto"):
+        config.load(path, ["train.dist_backend=nccl", "train.device=cpu"])

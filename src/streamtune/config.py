@@ -25,6 +25,7 @@ CODECS = ("bf16", "int8", "nf4")
 STREAM_MODES = ("auto", "all", "none")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 KERNEL_MODES = ("auto", "eager")  # streamtune.kernels.select.KERNEL_MODES (kept torch-free here)
 
 # Config keys holding file-system paths (made absolute by load()).
@@ -106,6 +107,10 @@ class TrainConfig:
                                  "automatic collection.")
     overlap_grad_reduce: bool = _f(False, "Data parallel (torchrun): sum the gradients over ranks in buckets "
                                    "while the step's last backward runs, instead of in one all-reduce after it.")
+    dist_backend: str = _f("auto", "Data parallel (torchrun): the collectives' backend. auto: NCCL on CUDA, gloo on "
+                           "the CPU; nccl; gloo: on CUDA too, the gradient sums go through host memory (the ranks "
+                           "load no NCCL, whose communicator took about 0.3 GB of host RAM per rank; not yet "
+                           "measured on GPUs).")
     keep_checkpoints: int = _f(0, "Checkpoints kept: the newest N plus the best eval one (0: keep all).")
     seed: int = _f(0, "Seed of data order, LoRA init and dropout.")
     device: str = _f("auto", "auto (cuda when available), cpu or cuda.")
@@ -350,6 +355,9 @@ def validate(cfg: RunConfig) -> list[str]:
     _check_choice(p, "train.device", t.device, DEVICES)
     p += check_layer_split(cfg)
     _check_choice(p, "train.kernels", t.kernels, KERNEL_MODES)
+    _check_choice(p, "train.dist_backend", t.dist_backend, DIST_BACKENDS)
+    if t.dist_backend == "nccl" and t.device == "cpu":
+        p.append("train.dist_backend: nccl needs train.device cuda or auto (NCCL reduces on GPUs); use gloo or auto")
     if t.compile_layers and t.kernels == "eager":
         p.append("train.compile_layers: true needs train.kernels=auto (eager is the stock path); "
                  "set train.kernels=auto or train.compile_layers=false")

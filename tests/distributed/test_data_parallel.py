@@ -84,7 +84,7 @@ def test_two_ranks_train_the_same_adapter_as_one_process(runs):
     assert f"steps: {STEPS} x 8 sequences (train.batch_size 2 x train.grad_accum 2 x 2 ranks) = 16 sequences" \
         in proc.stderr
     placement = json.loads((runs["two"] / "placement.json").read_text())
-    assert placement["world_size"] == 2
+    assert placement["world_size"] == 2 and placement["dist_backend"] == "gloo"
     shared = placement["shared_host"]  # both ranks' layers came from one copy in shared memory
     num_layers = len(placement["streamed_layers"]) + len(placement["resident_layers"])
     assert shared["owner"] and shared["layers"] == num_layers == 4 and shared["bytes"] > 0

@@ -22,17 +22,18 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 
-def _config(path: Path, run_dict, run_dir: Path, grad_accum: int, overlap: bool = False) -> Path:
+def _config(path: Path, run_dict, run_dir: Path, grad_accum: int, overlap: bool = False, backend: str = "auto") -> Path:
     raw = run_dict(run_dir, train={"device": "cuda", "max_steps": 3, "lr": 1e-2, "grad_accum": grad_accum,
-                                   "overlap_grad_reduce": overlap},
+                                   "overlap_grad_reduce": overlap, "dist_backend": backend},
                    model={"dtype": "float32"}, memory={"stream": "all"})
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["flat-all-reduce", "overlapped-buckets"])
-def test_two_gpus_match_one_gpu(tmp_path, run_dict, overlap):
-    two = _config(tmp_path / "two.yaml", run_dict, tmp_path / "two", grad_accum=1, overlap=overlap)
+@pytest.mark.parametrize("backend,overlap", [("auto", False), ("auto", True), ("gloo", False), ("gloo", True)],
+                         ids=["flat-all-reduce", "overlapped-buckets", "gloo-through-host", "gloo-buckets"])
+def test_two_gpus_match_one_gpu(tmp_path, run_dict, backend, overlap):
+    two = _config(tmp_path / "two.yaml", run_dict, tmp_path / "two", grad_accum=1, overlap=overlap, backend=backend)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), STREAMTUNE_DIST_TIMEOUT_S="120")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "streamtune", "train", str(two)]
@@ -48,6 +49,7 @@ def test_two_gpus_match_one_gpu(tmp_path, run_dict, overlap):
     placement = json.loads((tmp_path / "two" / "placement.json").read_text())
     shared = placement["shared_host"]
     assert placement["device"] == "cuda:0" and shared["layers"] == shared["pinned_layers"] > 0
+    assert placement["dist_backend"] == ("nccl" if backend == "auto" else backend)
     a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     for name in b:

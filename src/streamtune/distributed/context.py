@@ -2,7 +2,8 @@
 
 torchrun (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``) starts one process per GPU; :func:`init_from_env` joins them: NCCL
-when the run trains on CUDA, gloo on the CPU, every rank on ``cuda:LOCAL_RANK``. Without those
+when the run trains on CUDA, gloo on the CPU, every rank on ``cuda:LOCAL_RANK`` (``train.dist_backend: gloo``
+uses gloo on CUDA too, with GPU tensors reduced through host copies). Without those
 variables (or with ``WORLD_SIZE=1``) it returns a single-process context whose collectives do
 nothing, so the loop has one code path.
 
@@ -13,7 +14,9 @@ of hanging (torchrun then stops the remaining ranks).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +55,8 @@ class DistContext:
         world_size: number of ranks.
         local_rank: rank on this host (its CUDA device index).
         local_world_size: ranks on this host (they share one host copy of the weights).
-        backend: ``nccl``, ``gloo`` or ``""`` for a single process.
+        backend: ``nccl``, ``gloo`` or ``""`` for a single process. With gloo, GPU tensors are reduced and
+            broadcast through host copies (:func:`on_host`).
         timeout_s: collective timeout.
     """
 
@@ -89,17 +93,23 @@ class DistContext:
         if self.active:
             import torch.distributed as dist
 
-            self._guard(what, dist.all_reduce, values, op=dist.ReduceOp.SUM)
+            with on_host(values, self.backend) as staged:
+                self._guard(what, dist.all_reduce, staged, op=dist.ReduceOp.SUM)
         return values
 
     def all_reduce_sum_async(self, values: Any, what: str) -> Any:
         """Start summing a tensor over ranks, in place; returns the work to pass to :meth:`wait_collective`."""
         import torch.distributed as dist
 
+        if self.backend == "gloo" and values.device.type != "cpu":
+            # the host copy waits for the GPU here (inside the backward with overlap_grad_reduce: no overlap)
+            host = values.cpu()
+            work = self._guard(what, dist.all_reduce, host, op=dist.ReduceOp.SUM, async_op=True)
+            return HostStagedWork(work, host, values)
         return self._guard(what, dist.all_reduce, values, op=dist.ReduceOp.SUM, async_op=True)
 
     def wait_collective(self, work: Any, what: str) -> None:
-        """Wait for a started collective (NCCL: the current stream waits, not the host)."""
+        """Wait for a started collective (NCCL: the current stream waits, not the host; gloo: the host waits)."""
         self._guard(what, work.wait)
 
     def sum_numbers(self, numbers: list[float], device: Any, what: str) -> list[float]:
@@ -143,7 +153,8 @@ class DistContext:
         import torch.distributed as dist
 
         for param in params:
-            self._guard("parameter broadcast", dist.broadcast, param.data, src=0)
+            with on_host(param.data, self.backend) as staged:
+                self._guard("parameter broadcast", dist.broadcast, staged, src=0)
 
     def broadcast_object(self, value: Any, what: str) -> Any:
         """Rank 0's ``value`` on every rank (small picklable objects)."""
@@ -244,6 +255,29 @@ class DistContext:
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def on_host(values: Any, backend: str) -> Iterator[Any]:
+    """The tensor a ``backend`` collective should run on in place: ``values`` itself, or with gloo and a GPU
+    tensor, a host copy that is written back into ``values`` when the block ends (gloo reduces on the CPU)."""
+    if backend != "gloo" or values.device.type == "cpu":
+        yield values
+        return
+    host = values.cpu()
+    yield host
+    values.copy_(host)
+
+
+class HostStagedWork:
+    """A gloo collective started on a host copy of a GPU tensor: :meth:`wait` waits, then writes it back."""
+
+    def __init__(self, work: Any, host: Any, values: Any) -> None:
+        self.work, self.host, self.values = work, host, values
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.values.copy_(self.host)  # queued on the current stream: later kernels read the sums
+
+
 def write_grads(params: list[Any], indices: list[int], flat: Any) -> None:
     """Set the gradients of ``params[i]`` for ``i`` in ``indices`` from ``flat``, their concatenation in order."""
     offset = 0
@@ -270,16 +304,17 @@ def _env_int(name: str, default: int) -> int:
         raise InputError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun") from exc
 
 
-def init_from_env(device_name: str = "auto") -> tuple[DistContext, Any]:
+def init_from_env(device_name: str = "auto", backend: str = "auto") -> tuple[DistContext, Any]:
     """Join the torchrun job described by the environment; return ``(context, compute device)``.
 
     Args:
         device_name: ``train.device`` (auto, cpu, cuda). On CUDA each rank computes on
-            ``cuda:LOCAL_RANK`` and the backend is NCCL; on the CPU it is gloo.
+            ``cuda:LOCAL_RANK``.
+        backend: ``train.dist_backend``: auto (NCCL on CUDA, gloo on the CPU), nccl or gloo.
 
     Raises:
-        InputError: a torchrun variable is missing or malformed, or there are fewer visible GPUs
-            than local ranks.
+        InputError: a torchrun variable is missing or malformed, there are fewer visible GPUs
+            than local ranks, or NCCL was asked for a CPU run.
     """
     import torch
 
@@ -301,7 +336,9 @@ def init_from_env(device_name: str = "auto") -> tuple[DistContext, Any]:
                              f"{torch.cuda.device_count()} GPU(s); lower --nproc-per-node")
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
-    ctx.backend = "nccl" if wants_cuda else "gloo"
+    ctx.backend = ("nccl" if wants_cuda else "gloo") if backend == "auto" else backend
+    if ctx.backend == "nccl" and not wants_cuda:
+        raise InputError("train.dist_backend: nccl needs CUDA, and this run trains on the CPU; use gloo or auto")
     ctx.device = device
     share_compile_workers(ctx.local_world_size)
     _init_group(ctx, device)

@@ -137,7 +137,7 @@ class Recipe:
         from streamtune.train.split import split_devices
 
         self.devices = split_devices(self.cfg)  # a layer split: one process, several devices; [] otherwise
-        self.dist, device = init_from_env(self.cfg.train.device)
+        self.dist, device = init_from_env(self.cfg.train.device, self.cfg.train.dist_backend)
         self.dist.check_train_config(self.cfg.train)
         if self.devices:
             return self.devices[0]
@@ -228,7 +228,7 @@ class Recipe:
     def _record_placement(self) -> None:
         outputs.write_placement(self.run_dir, self.placement, self.device, self.kernels, self.kernels_applied,
                                 loading=self.load_stats, pack_cache=self.pack_cache, world_size=self.dist.world_size,
-                                shared_host=self.shared_host)
+                                dist_backend=self.dist.backend or None, shared_host=self.shared_host)
 
     def _pack_cache(self) -> Any:
         if not self.cfg.memory.cache_dir:  # check_cache_dir refused it for a preset before anything loaded
