@@ -4,7 +4,7 @@ Problem: issue 12 asks for a per-tensor LoRA-gradient cosine >= 0.99 between the
 and on the random-weight 26B preset neither bf16 step is close to the exact (fp32) gradient. Is that the benches'
 block-repeating weight fill (``models.build.fill_tensor_``) or bf16 rounding on any random model? Solution: the
 same weights in fp32 and in bf16, one forward + backward each, for the bench fill, an i.i.d. N(0, 0.02) fill, and
-the bench fill conditioned (``fast_step.CONDITIONED_NORMS``: soft attention, small residual updates).
+the bench fill conditioned (``random_weights.CONDITIONED_NORMS``: soft attention, small residual updates).
 
     python benchmarks/bf16_rounding.py --num-layers 1 --tokens 256     # CPU, about 10 GB of RAM, a minute
 On the CPU (2026-12-01, session 12): minimum cosine 0.964 (bench fill) and 0.965 (i.i.d.), median 0.996.
@@ -27,7 +27,7 @@ def lora_grads(model, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]
 
 
 def build(config, fill: str, seed: int = 0):
-    from fast_step import attach_random_lora  # benchmarks/ is on sys.path when this file runs as a script
+    from random_weights import attach_random_lora  # benchmarks/ is on sys.path when this file runs as a script
 
     from streamtune.models import adapter_for
     from streamtune.models.build import build_empty, fill_tensor_, fill_key, random_fill_
@@ -45,7 +45,7 @@ def build(config, fill: str, seed: int = 0):
                     param.normal_(0.0, 0.02, generator=gen)
     model.tie_weights()
     if fill == "conditioned":
-        from fast_step import condition_fill_
+        from random_weights import condition_fill_
 
         condition_fill_(model)
     return attach_random_lora(model, adapter_for(config)).train()

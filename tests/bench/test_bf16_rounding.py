@@ -1,5 +1,5 @@
 """benchmarks/bf16_rounding.py: a random model's bf16 LoRA gradients against its fp32 ones, for each fill; and the
-conditioned fill of benchmarks/fast_step.py sets every norm it names."""
+conditioned fill of benchmarks/random_weights.py sets every norm it names."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_every_fill_compares_every_lora_gradient(capsys):
 def test_the_conditioned_fill_sets_the_qk_norms_and_every_post_branch_norm():
     import torch
 
-    from fast_step import CONDITIONED_NORMS, condition_fill_
+    from random_weights import CONDITIONED_NORMS, condition_fill_
     from streamtune.bench.common import bench_config, build_random_model
 
     model = build_random_model(bench_config("tiny-gemma4", 2))
