@@ -37,7 +37,8 @@ FUSED_LOGITS_COPIES = 2
 # per rank counted the compile workers in it.
 HOST_RUNTIME_BYTES = int(1.85e9)
 # More per rank under torchrun (the process group: NCCL's communicator and library pages): two ranks held 4.12 GB
-# beside their one shared copy in the same run, 2.06 GB each.
+# beside their one shared copy in the same run, 2.06 GB each. Counted for train.dist_backend gloo too, whose ranks
+# load no NCCL: what a gloo group holds on a GPU host is not measured yet (an over-count of at most this).
 PROCESS_GROUP_HOST_BYTES = int(0.22e9)
 # PSS of one Inductor compile worker. The pool (min(32, cores) processes for the whole host) runs while the first
 # steps compile; training stops it after step 2. In the same run 32 workers held 2.25 GB (one rank) and 1.86 GB
