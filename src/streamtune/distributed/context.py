@@ -101,7 +101,7 @@ class DistContext:
         """Start summing a tensor over ranks, in place; returns the work to pass to :meth:`wait_collective`."""
         import torch.distributed as dist
 
-        if self.backend == "gloo" and values.device.type != "cpu":
+        if _reduced_on_host(values, self.backend):
             # the host copy waits for the GPU here (inside the backward with overlap_grad_reduce: no overlap)
             host = values.cpu()
             work = self._guard(what, dist.all_reduce, host, op=dist.ReduceOp.SUM, async_op=True)
@@ -255,11 +255,16 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def _reduced_on_host(values: Any, backend: str) -> bool:
+    """Whether a ``backend`` collective on ``values`` runs on a host copy: gloo and a tensor off the CPU."""
+    return backend == "gloo" and values.device.type != "cpu"
+
+
 @contextlib.contextmanager
 def on_host(values: Any, backend: str) -> Iterator[Any]:
     """The tensor a ``backend`` collective should run on in place: ``values`` itself, or with gloo and a GPU
     tensor, a host copy that is written back into ``values`` when the block ends (gloo reduces on the CPU)."""
-    if backend != "gloo" or values.device.type == "cpu":
+    if not _reduced_on_host(values, backend):
         yield values
         return
     host = values.cpu()

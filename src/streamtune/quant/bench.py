@@ -45,11 +45,11 @@ def benchmark_decode(device: str | torch.device = "cuda", numel: int = DEFAULT_D
     device = torch.device(device)
     shape = _bench_shape(numel)
     copies = numel // max_encoded_numel if numel > max_encoded_numel and numel % max_encoded_numel == 0 else 1
-    tensor = torch.randn((shape[0] // copies, shape[1]), generator=torch.Generator().manual_seed(0))
+    tensor = torch.randn((shape[0] // copies, shape[1]), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     out = torch.empty(shape, dtype=torch.bfloat16, device=device)
     results = {}
     for name, codec in CODECS.items():
-        parts = stacked_parts(codec.encode(tensor.to(torch.bfloat16)), copies, device)
+        parts = stacked_parts(codec.encode(tensor), copies, device)
         seconds = _best_time(codec, parts, shape, out, repeats)
         results[name] = out.numel() * out.element_size() / seconds / 1e9
     return results
