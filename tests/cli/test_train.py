@@ -171,6 +171,26 @@ def test_a_negative_gc_interval_names_the_key_and_the_bound(write_config, capsys
     assert not run.exists()
 
 
+def test_a_dist_backend_that_cannot_run_is_refused_before_any_work(write_config, capsys, monkeypatch):
+    code, err, run = _bad(write_config, capsys, "train.dist_backend=nccl")  # the test config trains on the CPU
+    assert code == 2 and "train.dist_backend: nccl needs train.device cuda or auto" in err
+    assert not run.exists()
+    code, err, run = _bad(write_config, capsys, "train.dist_backend=mpi")
+    assert code == 2 and "train.dist_backend: 'mpi' is not allowed; allowed: auto, nccl, gloo" in err
+    # device auto on a machine without CUDA, under torchrun: refused before the process group is joined
+    from streamtune.distributed import context
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(context, "limit_malloc_arenas", lambda: None)
+    monkeypatch.setattr(context, "_init_group", lambda ctx, device: pytest.fail("joined a process group"))
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    code, err, run = _bad(write_config, capsys, "train.dist_backend=nccl", "train.device=auto")
+    assert code == 2 and "train.dist_backend: nccl needs CUDA, and this run trains on the CPU" in err
+    assert not run.exists()
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert main(["train", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
