@@ -73,6 +73,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-compile-workers", action="store_true",
                    help="the ranks keep Inductor's compile workers for the whole run (training stops them after "
                         "step 2): the A/B of that stop's effect on step time and host RAM")
+    p.add_argument("--one-gpu", action="store_true",
+                   help="dp2's two ranks both on cuda:0 (gloo only): a second rank's host RAM on a one-GPU machine; "
+                        "its speed is not a two-GPU speed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-caps", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-split", action="store_true", help=argparse.SUPPRESS)
@@ -92,6 +95,10 @@ def worker(args: argparse.Namespace) -> int:
         faulthandler.dump_traceback_later(float(os.environ["STREAMTUNE_DUMP_AFTER_S"]), repeat=True)
     if args.num_layers:
         build.preset_config = lambda name: bench_config(name, args.num_layers)
+    if args.one_gpu:
+        import streamtune.distributed.context as context
+
+        context.rank_cuda_index = lambda local_rank: 0
     threading.Thread(target=_report_private_memory, args=(Path(args.worker),), daemon=True).start()
     _trace_setup_memory(args.trace_alloc)
     _trace_step_times()
@@ -293,7 +300,7 @@ def _run_mode(root: Path, args: argparse.Namespace, name: str, ranks: int, caps:
     if args.num_layers:
         cmd += ["--num-layers", str(args.num_layers)]
     cmd += ["--trace-alloc"] * args.trace_alloc + ["--trace-native"] * args.trace_native
-    cmd += ["--keep-compile-workers"] * args.keep_compile_workers
+    cmd += ["--keep-compile-workers"] * args.keep_compile_workers + ["--one-gpu"] * args.one_gpu
     if layer_split:
         cmd += ["--worker-split", "--device", args.device]
     env = dict(os.environ, STREAMTUNE_DIST_TIMEOUT_S="900",
@@ -387,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.micro_batches % 2:
         raise SystemExit("--micro-batches must be even (the same global batch on 1 and 2 GPUs)")
-    if args.device == "cuda" and torch.cuda.device_count() < (2 if set(modes) & {"dp2", "caps", "split"} else 1):
+    if args.one_gpu and (args.dist_backend != "gloo" or set(modes) - {"dp1", "dp2"}):
+        raise SystemExit("--one-gpu: only with --dist-backend gloo (NCCL refuses two ranks on one GPU) and dp1, dp2")
+    two_gpu_modes = set(modes) & {"dp2", "caps", "split"} and not args.one_gpu
+    if args.device == "cuda" and torch.cuda.device_count() < (2 if two_gpu_modes else 1):
         raise SystemExit(f"needs 2 GPUs for {modes}; torch sees {torch.cuda.device_count()}")
     caps = [float(c) for c in args.caps.split(",")]
     predictions = _predictions(args, caps)
@@ -443,7 +453,8 @@ def _report(args: argparse.Namespace, results: list[dict], predictions: dict) ->
                  if r.get("gpu_peak_bytes_per_device") else ""))
     if "dp1" in by_mode and "dp2" in by_mode and by_mode["dp1"].get("tok_s"):
         one, two = by_mode["dp1"], by_mode["dp2"]
-        print(f"2-GPU speed-up: {two.get('tok_s', 0) / one['tok_s']:.2f}x (target >= 1.8x)")
+        print(f"2-GPU speed-up: {two.get('tok_s', 0) / one['tok_s']:.2f}x (target >= 1.8x)"
+              + (" -- not a speed-up: --one-gpu ran both ranks on one GPU" if args.one_gpu else ""))
         for label, measures in SECOND_RANK_LINES:
             deltas = [(_delta_gb(one, two, key), words) for key, words in measures]
             print(f"second rank adds, {label}: " + ", ".join(

@@ -86,3 +86,11 @@ def test_host_sampler_keeps_a_pss_only_in_the_phase_it_was_measured_in():
     assert summary["host_train_pss_bytes"] == 32 and summary["host_steady_bytes"] == 100 + len(phases) - 1
     assert summary["host_peak_bytes"] == 100 + len(phases) - 1
 
+
+
+def test_one_gpu_is_refused_with_nccl_or_modes_that_need_two_gpus():
+    import pytest
+
+    for argv in (["--one-gpu", "--modes", "dp1,dp2"], ["--one-gpu", "--dist-backend", "gloo", "--modes", "caps"]):
+        with pytest.raises(SystemExit, match="--one-gpu: only with --dist-backend gloo"):
+            multi_gpu.main(argv)

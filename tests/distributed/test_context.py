@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from streamtune.distributed import context
 
@@ -72,32 +73,41 @@ def test_dist_backend_auto_is_gloo_on_the_cpu_and_gloo_or_nccl_when_asked(clean_
     assert joined == ["gloo", "gloo"]  # refused before joining any group
 
 
-def test_gloo_reduces_a_device_tensor_through_a_host_copy():
-    """on_host: the collective runs on a CPU copy that is written back; a CPU tensor (or NCCL) is used as is."""
+def _device_tensor(values):
+    """``values`` as if it lived on a GPU: ``_reduced_on_host`` sees cuda:0, the copies stay on the CPU."""
     import torch
 
-    class DeviceTensor:  # stands in for a CUDA tensor: what on_host touches
-        device = torch.device("cuda", 0)
+    class DeviceTensor(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
 
-        def __init__(self):
-            self.data = torch.tensor([1.0, 2.0])
+    return values.as_subclass(DeviceTensor)
 
-        def cpu(self):
-            return self.data.clone()
 
-        def copy_(self, source):
-            self.data.copy_(source)
+def test_gloo_reduces_a_device_tensor_through_a_reused_host_buffer():
+    """on_host: the collective runs on a host buffer that is written back, and the buffer is reused for the next
+    tensor of that shape; a CPU tensor (or NCCL) is used as is."""
+    import torch
 
-    values = DeviceTensor()
-    with context.on_host(values, "gloo") as staged:
-        assert isinstance(staged, torch.Tensor) and staged is not values.data
+    staging = context.HostStaging(pin=False)
+    values = _device_tensor(torch.tensor([1.0, 2.0]))
+    with context.on_host(values, "gloo", staging) as staged:
+        assert type(staged) is torch.Tensor and staged.data_ptr() != values.data_ptr()
         staged.mul_(3)  # what all_reduce would do in place
-        assert values.data.tolist() == [1.0, 2.0]
-    assert values.data.tolist() == [3.0, 6.0]
+        assert values.tolist() == [1.0, 2.0]
+        first = staged.data_ptr()
+    assert values.tolist() == [3.0, 6.0]
+    with context.on_host(_device_tensor(torch.tensor([5.0, 7.0])), "gloo", staging) as staged:
+        assert staged.data_ptr() == first and staged.tolist() == [5.0, 7.0]  # the same buffer, this tensor's values
+        with context.on_host(_device_tensor(torch.tensor([1.0, 1.0])), "gloo", staging) as inner:
+            assert inner.data_ptr() != first  # a buffer in use is not handed out twice
+    with context.on_host(_device_tensor(torch.tensor([1.0])), "gloo", staging) as staged:
+        assert staged.shape == (1,)  # another shape: its own buffer
     cpu = torch.tensor([1.0])
-    with context.on_host(cpu, "gloo") as staged:
+    with context.on_host(cpu, "gloo", staging) as staged:
         assert staged is cpu
-    with context.on_host(values, "nccl") as staged:
+    with context.on_host(values, "nccl", staging) as staged:
         assert staged is values
 
 
@@ -112,9 +122,29 @@ def test_a_started_gloo_sum_is_written_back_when_waited_for():
             self.host.add_(10)  # the background sum lands
             self.waited = True
 
-    host, values = torch.tensor([1.0]), torch.tensor([0.0])
+    staging = context.HostStaging(pin=False)
+    values = _device_tensor(torch.tensor([0.0]))
+    host = staging.stage(values)
     work = Work(host)
-    staged = context.HostStagedWork(work, host, values)
+    staged = context.HostStagedWork(work, host, values, staging)
     assert values.tolist() == [0.0]
     staged.wait()
-    assert work.waited and values.tolist() == [11.0]
+    assert work.waited and values.tolist() == [10.0]
+    assert staging.stage(values).data_ptr() == host.data_ptr()  # returned for reuse
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_staging_of_a_gpu_tensor_reads_what_queued_kernels_wrote_and_writes_back():
+    staging = context.HostStaging()
+    values = torch.zeros(1 << 22, device="cuda")
+    for round_ in range(3):
+        big = torch.randn(4096, 4096, device="cuda")
+        values.copy_((big @ big).sum() * 0 + round_ + 1)  # queued behind a matmul: the D2H must wait for it
+        host = staging.stage(values)
+        assert host.is_pinned() and not host.is_cuda
+        assert torch.equal(host, torch.full_like(host, round_ + 1.0))
+        host.mul_(2)  # what a sum of two equal ranks does
+        staging.unstage(host, values)
+        assert torch.equal(values.cpu(), torch.full((1 << 22,), 2.0 * (round_ + 1)))
+    assert len(staging._free[((1 << 22,), torch.float32)]) == 1  # one buffer, reused

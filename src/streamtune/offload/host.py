@@ -190,6 +190,7 @@ def alloc_host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     rounds every block up to a power of two: a 1.7 GB Gemma4 layer takes 2 GiB, 50 GB of layers
     take 60 GiB of a 64 GiB machine. Solution: allocate ordinary memory and page-lock exactly that
     with ``cudaHostRegister``; fall back to the caching allocator if registration is refused.
+    The page-lock ends when the returned tensor object is collected: keep it, not only views of it.
     """
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     if not pin or nbytes == 0:
