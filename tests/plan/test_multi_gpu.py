@@ -35,6 +35,9 @@ def test_shared_host_copy_is_counted_once(monkeypatch):
     # each rank adds its runtime and its share of the process group (measured: 1.84 GB alone, 2.06 GB each of two)
     assert two.host_bytes["runtime"] == 2 * (one.host_bytes["runtime"] + memory.PROCESS_GROUP_HOST_BYTES)
     assert two.host_bytes["compile_workers"] == one.host_bytes["compile_workers"]  # the host's pool, shared
+    # a gloo rank loads no NCCL: its runtime and its two 16 MiB slots of the shared gradient sum
+    gloo = make_plan(MODEL, codec="int8", gpu="rtx4090", local_ranks=2, dist_backend="gloo")
+    assert gloo.host_bytes["runtime"] == 2 * (one.host_bytes["runtime"] + 2 * 16 * 2**20)
 
 
 def test_compile_workers_are_each_ranks_pool_times_the_local_ranks(monkeypatch):

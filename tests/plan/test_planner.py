@@ -288,6 +288,10 @@ def test_plan_for_run_uses_the_config():
     cfg.memory.gpu_budget, cfg.memory.codec, cfg.lora.rank = "2GiB", "int8", 8
     plan = plan_for_run(cfg, link=GPU_PROFILES["h100"])
     assert (plan.tokens, plan.codec, plan.lora_rank, plan.gpu_budget_bytes) == (512, "int8", 8, 2 * GIB)
+    nccl = plan_for_run(cfg, link=GPU_PROFILES["h100"], local_ranks=2)
+    cfg.train.dist_backend = "gloo"
+    gloo = plan_for_run(cfg, link=GPU_PROFILES["h100"], local_ranks=2)
+    assert gloo.host_bytes["runtime"] < nccl.host_bytes["runtime"]  # train.dist_backend reaches the host line
 
 
 def test_wide_heads_at_long_sequences_plan_the_faster_wide_attention(monkeypatch):

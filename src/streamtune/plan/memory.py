@@ -18,6 +18,7 @@ Assumptions (each is one function, so the device benchmark can calibrate it):
 
 from __future__ import annotations
 
+from streamtune.distributed import local_sum
 from streamtune.plan.sizing import LayerSize, ModelSize
 
 GIB = 2**30
@@ -36,10 +37,14 @@ FUSED_LOGITS_COPIES = 2
 # H200, session 13: benchmarks/results/multi_gpu-NVIDIA_H200-20261201-021618-dp1-dp2.json). Session 9's 2.5 GB
 # per rank counted the compile workers in it.
 HOST_RUNTIME_BYTES = int(1.85e9)
-# More per rank under torchrun (the process group: NCCL's communicator and library pages): two ranks held 4.12 GB
-# beside their one shared copy in the same run, 2.06 GB each. Counted for train.dist_backend gloo too, whose ranks
-# load no NCCL: what a gloo group holds on a GPU host is not measured yet (an over-count of at most this).
+# More per rank under torchrun with NCCL (its communicator and library pages): two ranks held 4.12 GB beside their
+# one shared copy in the same run, 2.06 GB each.
 PROCESS_GROUP_HOST_BYTES = int(0.22e9)
+# With train.dist_backend gloo a rank loads no NCCL. Measured (two gloo ranks on one H200, 26B preset, int8,
+# session 16: benchmarks/results/multi_gpu-NVIDIA_H200-20261201-073344-dp1-dp2-one-gpu-gloo.json): the second rank
+# added 1.52 GB of PSS, less than one rank's runtime, so a gloo rank is counted with its share of the shared
+# gradient-sum slots only (streamtune.distributed.local_sum: two sets of one 16 MiB chunk per rank).
+GLOO_GROUP_HOST_BYTES = local_sum.NUM_SETS * local_sum.CHUNK_BYTES
 # PSS of one Inductor compile worker. The pool (min(32, cores) processes for the whole host) runs while the first
 # steps compile; training stops it after step 2. In the same run 32 workers held 2.25 GB (one rank) and 1.86 GB
 # (two ranks of 16) beside the launcher.
@@ -208,7 +213,8 @@ def gpu_components_bytes(
 
 
 def host_components_bytes(model: ModelSize, streamed: list[LayerSize], local_ranks: int = 1,
-                          shared: bool = True, num_compile_workers: int = 0) -> dict[str, int]:
+                          shared: bool = True, num_compile_workers: int = 0,
+                          dist_backend: str = "auto") -> dict[str, int]:
     """Host memory of one host: pinned packed buffers of every decoder layer, loading staging, process runtime
     and, while the first steps compile, ``num_compile_workers`` Inductor workers.
 
@@ -216,13 +222,14 @@ def host_components_bytes(model: ModelSize, streamed: list[LayerSize], local_ran
     layers without reloading; ``streamed`` does not change the host footprint. With ``local_ranks``
     processes on the host (torchrun), ``shared`` (the default) means they map one copy that local
     rank 0 alone loaded (``streamtune.distributed.shared_host``); each rank adds its runtime and its share of
-    the process group. The peak counts the larger of the two transient components
+    the process group (``dist_backend``: NCCL's unless ``gloo``). The peak counts the larger of the two transient components
     (:data:`TRANSIENT_HOST_COMPONENTS`), not both.
     """
     copies = 1 if shared else local_ranks
     largest_layer = max((layer.plain_bytes for layer in model.layers), default=0)
     largest_other = max((t.plain_bytes for t in model.other), default=0)
-    per_rank = HOST_RUNTIME_BYTES + (PROCESS_GROUP_HOST_BYTES if local_ranks > 1 else 0)
+    group_bytes = GLOO_GROUP_HOST_BYTES if dist_backend == "gloo" else PROCESS_GROUP_HOST_BYTES
+    per_rank = HOST_RUNTIME_BYTES + (group_bytes if local_ranks > 1 else 0)
     return {
         "pinned_weights": copies * sum(layer.encoded_bytes for layer in model.layers),
         "staging": copies * max(largest_layer, largest_other),

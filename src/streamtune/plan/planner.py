@@ -222,6 +222,7 @@ class _Settings:
     ring_slots: int
     loss_chunk_tokens: int
     kernels: str = "auto"
+    dist_backend: str = "auto"
 
 
 def _groups(model: ModelSize, streamed: set[int]) -> list[dict[str, Any]]:
@@ -289,7 +290,8 @@ def _build(name: str, model: ModelSize, s: _Settings, gpu_budget_bytes: int, hos
         lora_trainable_params=model.lora_params, gradient_checkpointing=s.checkpointing, stream=s.stream,
         ring_slots=slots, loss_chunk_tokens=s.loss_chunk_tokens, layers=layers, groups=_groups(model, chosen),
         gpu_bytes=gpu, host_bytes=memory.host_components_bytes(
-            model, streamed, local_ranks, num_compile_workers=memory.num_compile_workers(s.kernels, local_ranks)),
+            model, streamed, local_ranks, num_compile_workers=memory.num_compile_workers(s.kernels, local_ranks),
+            dist_backend=s.dist_backend),
         gpu_budget_bytes=gpu_budget_bytes, host_budget_bytes=host_budget_bytes, timing=estimate, link=link,
         total_params=model.total_params,
         active_params=sum(x.active_params for x in model.layers) + model.hidden * model.vocab,
@@ -302,7 +304,7 @@ def make_plan(
     gradient_checkpointing: bool = True, gpu_budget_bytes: int | None = None, host_budget_bytes: int | None = None,
     stream: str = "auto", ring_slots: int = 2, loss_chunk_tokens: int = 1024, link: LinkProfile | None = None,
     gpu: str | None = None, trust_remote_code: bool = False, suggest: bool = True, local_ranks: int = 1,
-    kernels: str = "auto",
+    kernels: str = "auto", dist_backend: str = "auto",
 ) -> Plan:
     """Plan a LoRA run of ``model`` without loading weights (the model is sized on ``meta``).
 
@@ -328,6 +330,8 @@ def make_plan(
         kernels: ``train.kernels``: ``auto`` (the fast path: fused loss, block masks, FlexAttention, compiled
             layers) or ``eager`` (the stock HF path); or a cost model of ``plan.timing.KERNEL_COSTS``
             (``fast``: the fast path without compiled layers); memory and step time follow it.
+        dist_backend: ``train.dist_backend`` with ``local_ranks`` > 1: what each rank's process group adds to
+            the host line (NCCL's communicator; gloo's share of the shared gradient-sum slots).
 
     Returns:
         The :class:`Plan`; call ``plan.check()`` to refuse a run that would not fit.
@@ -341,7 +345,7 @@ def make_plan(
     name, config, meta = _meta(model, trust_remote_code)
     targets = _targets(config, lora_targets)
     settings = _Settings(codec, tokens, lora_rank, gradient_checkpointing, stream, ring_slots, loss_chunk_tokens,
-                         kernels)
+                         kernels, dist_backend)
     sized = size_model(config, codec, lora_rank, targets, list(lora_target_parameters), model=meta, name=name)
     plan = _build(name, sized, settings, budget, host_budget_bytes, link, local_ranks)
     if suggest and not plan.fits:
@@ -350,7 +354,7 @@ def make_plan(
             lora_target_parameters=lora_target_parameters, gradient_checkpointing=gradient_checkpointing,
             gpu_budget_bytes=budget, host_budget_bytes=host_budget_bytes, stream=stream, ring_slots=ring_slots,
             loss_chunk_tokens=loss_chunk_tokens, link=link, trust_remote_code=trust_remote_code, suggest=False,
-            local_ranks=local_ranks, kernels=kernels))
+            local_ranks=local_ranks, kernels=kernels, dist_backend=dist_backend))
     return plan
 
 
@@ -417,4 +421,5 @@ def plan_for_run(cfg: Any, link: LinkProfile | None = None, gpu_budget_bytes: in
         host_budget_bytes=host_budget, stream=mem.stream, ring_slots=mem.ring_slots,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens, link=link, trust_remote_code=cfg.model.trust_remote_code,
         local_ranks=local_ranks, kernels=timing.cost_model(cfg.train.kernels, cfg.train.compile_layers),
+        dist_backend=cfg.train.dist_backend,
     )
