@@ -137,3 +137,18 @@ def test_plan_split_is_the_layer_split_the_comparison_shows_and_its_lines_load()
         plan_split(MODEL, gpus * 2, [24 * GIB] * 4, None, micro_batches=4, **kwargs)
     with pytest.raises(InputError, match="train.devices"):
         plan_split(MODEL, gpus, [GIB // 4, GIB // 4], [2], micro_batches=4, **kwargs)
+
+
+def test_gloo_data_parallel_plans_the_shared_memory_sum_and_no_nccl_host_memory():
+    from streamtune.plan.multi_gpu import local_sum_seconds, plan_gpus
+    from streamtune.plan.profiles import resolve_gpu_list
+
+    gpus = resolve_gpu_list("rtx4090,rtx-pro-2000")
+    nccl = plan_gpus(MODEL, gpus, micro_batches=4, codec="int8")
+    gloo = plan_gpus(MODEL, gpus, micro_batches=4, codec="int8", dist_backend="gloo")
+    grads = nccl.data_parallel["allreduce_bytes"]
+    # one D2H and two H2D copies on the slower link
+    assert gloo.data_parallel["allreduce_seconds"] == local_sum_seconds(grads, gpus) == pytest.approx(
+        3 * grads / (min(g.h2d_gbps for g in gpus) * 1e9))
+    assert (nccl.data_parallel["allreduce_path"], gloo.data_parallel["allreduce_path"]) == ("NCCL", "shared memory (gloo)")
+    assert gloo.host_bytes["runtime"] < nccl.host_bytes["runtime"]

@@ -43,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction, help_text: str) -> argpar
                         f"names (e.g. rtx4090,rtx-pro-2000) compare data parallel with a layer split over both GPUs")
     p.add_argument("--micro-batches", type=int, default=8,
                    help="with two GPUs: micro-batches of --tokens per optimizer step, over both (default 8)")
+    p.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="with two GPUs: train.dist_backend of the data-parallel run (its host RAM and gradient sum)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(command="plan")
     return p
@@ -125,7 +127,7 @@ def _run_multi(args: argparse.Namespace, host_bytes: int) -> int:
         lora_targets="auto" if args.lora_targets == "auto" else _names(args.lora_targets),
         lora_target_parameters=_names(args.lora_target_parameters),
         gradient_checkpointing=not args.no_gradient_checkpointing, ring_slots=args.ring_slots,
-        loss_chunk_tokens=args.loss_chunk_tokens, kernels=args.kernels,
+        loss_chunk_tokens=args.loss_chunk_tokens, kernels=args.kernels, dist_backend=args.dist_backend,
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_multi(plan))
     return 0 if plan.choice != "none" else 2

@@ -1,7 +1,7 @@
 """Summing a GPU tensor over the ranks of one host through shared page-locked memory (gloo on GPUs).
 
 Problem: ``train.dist_backend: gloo`` keeps NCCL (about 0.3 GB of host RAM per rank) out of the ranks, but gloo
-sums over TCP even between processes of one host: the 26B preset's 74 MB of gradients took 33 ms on the H200
+sums over TCP even between processes of one host: the 26B preset's 74 MB of gradients took 33-38 ms on the H200
 host (2.3 GB/s), plus the copies to and from the GPU, against about 3 ms for NCCL between two GPUs.
 Solution: NCCL's shared-memory transport, without NCCL. Every rank copies its tensor into its own slot of a
 buffer in ``/dev/shm`` that every local rank maps and page-locks (54 GB/s each way on PCIe 5), the ranks meet at a

@@ -78,13 +78,25 @@ def hop_seconds(num_bytes: float, gpus: list[LinkProfile]) -> float:
     return num_bytes / (min(g.h2d_gbps for g in gpus) * PCIE_HOP_FRACTION * GB)
 
 
-def data_parallel(plans: list[Plan], micro_batches: int, gpus: list[LinkProfile]) -> dict[str, Any] | None:
-    """Best split of the step's micro-batches over the ranks' plans (None when a rank does not fit)."""
+def local_sum_seconds(num_bytes: float, gpus: list[LinkProfile]) -> float:
+    """Time of the shared-memory sum of ``num_bytes`` (``train.dist_backend: gloo``): each rank copies its part to
+    the host and every part back, one D2H and ``len(gpus)`` H2D copies on its own link.
+
+    The same count for two ranks sharing one H200's link (2 D2H + 4 H2D of 74 MB at 55 GB/s: 8.1 ms) is within
+    the 9.9 ms measured (``benchmarks/allreduce.py``, session 16); the rest is the barriers.
+    """
+    return (1 + len(gpus)) * num_bytes / (min(g.h2d_gbps for g in gpus) * GB)
+
+
+def data_parallel(plans: list[Plan], micro_batches: int, gpus: list[LinkProfile],
+                  dist_backend: str = "auto") -> dict[str, Any] | None:
+    """Best split of the step's micro-batches over the ranks' plans (None when a rank does not fit); the gradient
+    sum goes over the host as one hop (NCCL) or as the shared-memory sum (``dist_backend`` gloo)."""
     if not all(p.fits_gpu for p in plans):
         return None
     per_micro = [_micro_seconds(p) for p in plans]
     grads = plans[0].lora_trainable_params * GRAD_BYTES_PER_PARAM
-    reduce_s = hop_seconds(grads, gpus)
+    reduce_s = local_sum_seconds(grads, gpus) if dist_backend == "gloo" else hop_seconds(grads, gpus)
 
     def step(split: list[int]) -> float:
         return max(m * micro + opt for m, (micro, opt) in zip(split, per_micro) if m > 0) + reduce_s
@@ -97,6 +109,7 @@ def data_parallel(plans: list[Plan], micro_batches: int, gpus: list[LinkProfile]
                   for g, p, (m, _) in zip(gpus, plans, per_micro)],
         "split": best, "step_seconds": step(best), "even_split": even, "even_step_seconds": step(even),
         "allreduce_seconds": reduce_s, "allreduce_bytes": grads,
+        "allreduce_path": "shared memory (gloo)" if dist_backend == "gloo" else "NCCL",
     }
 
 
@@ -236,7 +249,7 @@ def plan_gpus(model: Any, gpus: list[LinkProfile], budgets_bytes: list[int] | No
             (``train.grad_accum x 2``).
         host_budget_bytes: host RAM for the whole host.
         **kwargs: codec, tokens, lora_rank, lora_targets, lora_target_parameters, gradient_checkpointing,
-            ring_slots, loss_chunk_tokens, trust_remote_code (as :func:`make_plan`).
+            ring_slots, loss_chunk_tokens, trust_remote_code, kernels, dist_backend (as :func:`make_plan`).
 
     Raises:
         InputError: not two GPUs, budgets of the wrong length, ``micro_batches`` odd or < 2, or as :func:`make_plan`.
@@ -250,7 +263,7 @@ def plan_gpus(model: Any, gpus: list[LinkProfile], budgets_bytes: list[int] | No
         raise InputError(f"--micro-batches: {micro_batches} must be even and >= 2 (train.grad_accum x 2 ranks)")
     plans = [make_plan(model, link=g, gpu_budget_bytes=b, host_budget_bytes=host_budget_bytes, suggest=False,
                        local_ranks=2, **kwargs) for g, b in zip(gpus, budgets)]
-    dp = data_parallel(plans, micro_batches, gpus)
+    dp = data_parallel(plans, micro_batches, gpus, kwargs.get("dist_backend", "auto"))
     sized, settings = _sized(model, dict(kwargs, link=gpus[0], gpu_budget_bytes=budgets[0]))
     ls = layer_split(sized, settings, budgets, gpus, micro_batches)
     choice, reason = _choose(dp, ls)
@@ -282,7 +295,8 @@ def format_multi(plan: MultiGpuPlan) -> str:
     else:
         lines.append(f"data parallel: {dp['step_seconds']:.2f} s/step, split {dp['split'][0]}:{dp['split'][1]} "
                      f"(even {dp['even_split'][0]}:{dp['even_split'][1]}: {dp['even_step_seconds']:.2f} s), "
-                     f"all-reduce {dp['allreduce_bytes'] / 1e6:.0f} MB in {dp['allreduce_seconds'] * 1e3:.0f} ms; "
+                     f"all-reduce {dp['allreduce_bytes'] / 1e6:.0f} MB in {dp['allreduce_seconds'] * 1e3:.0f} ms "
+                     f"({dp['allreduce_path']}); "
                      f"train it with STREAMTUNE_RANK_MICRO_BATCHES={dp['split'][0]},{dp['split'][1]} and "
                      f"train.grad_accum={plan.micro_batches // 2}")
         for rank, r in enumerate(dp["ranks"]):
