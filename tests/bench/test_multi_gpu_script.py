@@ -87,7 +87,6 @@ def test_host_sampler_keeps_a_pss_only_in_the_phase_it_was_measured_in():
     assert summary["host_peak_bytes"] == 100 + len(phases) - 1
 
 
-
 def test_one_gpu_is_refused_with_nccl_or_modes_that_need_two_gpus():
     import pytest
 

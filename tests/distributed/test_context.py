@@ -75,8 +75,6 @@ def test_dist_backend_auto_is_gloo_on_the_cpu_and_gloo_or_nccl_when_asked(clean_
 
 def _device_tensor(values):
     """``values`` as if it lived on a GPU: ``_reduced_on_host`` sees cuda:0, the copies stay on the CPU."""
-    import torch
-
     class DeviceTensor(torch.Tensor):
         @property
         def device(self):
@@ -88,8 +86,6 @@ def _device_tensor(values):
 def test_gloo_reduces_a_device_tensor_through_a_reused_host_buffer():
     """on_host: the collective runs on a host buffer that is written back, and the buffer is reused for the next
     tensor of that shape; a CPU tensor (or NCCL) is used as is."""
-    import torch
-
     staging = context.HostStaging(pin=False)
     values = _device_tensor(torch.tensor([1.0, 2.0]))
     with context.on_host(values, "gloo", staging) as staged:
@@ -112,7 +108,6 @@ def test_gloo_reduces_a_device_tensor_through_a_reused_host_buffer():
 
 
 def test_a_started_gloo_sum_is_written_back_when_waited_for():
-    import torch
 
     class Work:
         def __init__(self, host):
