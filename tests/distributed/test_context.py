@@ -108,7 +108,6 @@ def test_gloo_reduces_a_device_tensor_through_a_reused_host_buffer():
 
 
 def test_a_started_gloo_sum_is_written_back_when_waited_for():
-
     class Work:
         def __init__(self, host):
             self.host, self.waited = host, False
