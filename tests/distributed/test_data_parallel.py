@@ -60,7 +60,8 @@ def runs(tmp_path_factory, run_dict):
     two = _config(root / "two.yaml", run_dict, root / "two", grad_accum=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "streamtune", "train", str(two)]
-    env = _env(STREAMTUNE_RANK_MICRO_BATCHES="3,1")
+    # the sums go through shared memory as a GPU job's would (on the CPU by default gloo sums them itself)
+    env = _env(STREAMTUNE_RANK_MICRO_BATCHES="3,1", STREAMTUNE_LOCAL_SUM="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
     one = _config(root / "one.yaml", run_dict, root / "one", grad_accum=4)
     code = main(["train", str(one)])
@@ -85,29 +86,34 @@ def test_two_ranks_train_the_same_adapter_as_one_process(runs):
         in proc.stderr
     placement = json.loads((runs["two"] / "placement.json").read_text())
     assert placement["world_size"] == 2 and placement["dist_backend"] == "gloo"
+    assert placement["gradient_sum"] == "shared memory"  # STREAMTUNE_LOCAL_SUM=1: as on GPUs of one host
     shared = placement["shared_host"]  # both ranks' layers came from one copy in shared memory
     num_layers = len(placement["streamed_layers"]) + len(placement["resident_layers"])
     assert shared["owner"] and shared["layers"] == num_layers == 4 and shared["bytes"] > 0
     assert not Path(shared["directory"]).exists()  # unlinked once both ranks had mapped it
 
 
-def test_overlapped_gradient_reduce_trains_the_same_adapter(runs):
+@pytest.mark.parametrize("local_sum", ["0", "1"], ids=["gloo-sum", "shared-memory-sum"])
+def test_overlapped_gradient_reduce_trains_the_same_adapter(runs, local_sum):
     """train.overlap_grad_reduce: rank 0 sums its buckets during its last backward; rank 1 computes no micro-batch
-    in this split (4:0), so it starts all of them after; the adapter is the one process's."""
+    in this split (4:0), so it starts all of them after; the adapter is the one process's. With gloo's own sum the
+    buckets run asynchronously; through shared memory each is done when started."""
     root = runs["root"]
     raw = yaml.safe_load((root / "two.yaml").read_text())
     raw["train"]["overlap_grad_reduce"] = True
-    raw["output"]["dir"] = str(root / "overlap")
+    raw["output"]["dir"] = str(root / f"overlap-{local_sum}")
     (root / "overlap.yaml").write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "streamtune", "train", str(root / "overlap.yaml")]
-    proc = subprocess.run(cmd, env=_env(STREAMTUNE_RANK_MICRO_BATCHES="4,0"), capture_output=True, text=True,
-                          timeout=300, cwd=root)
+    proc = subprocess.run(cmd, env=_env(STREAMTUNE_RANK_MICRO_BATCHES="4,0", STREAMTUNE_LOCAL_SUM=local_sum),
+                          capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = "gradient all-reduce: overlapped with each step's last backward, 1 bucket of"
     assert proc.stderr.count(said) == 1  # the path taken, said once (by rank 0)
-    _assert_same_adapter(_adapter(root / "overlap"), _adapter(runs["one"]))
-    for a, b in zip(read_metrics(root / "overlap"), read_metrics(runs["one"])):
+    placement = json.loads((root / f"overlap-{local_sum}" / "placement.json").read_text())
+    assert placement["gradient_sum"] == {"0": "gloo", "1": "shared memory"}[local_sum]
+    _assert_same_adapter(_adapter(root / f"overlap-{local_sum}"), _adapter(runs["one"]))
+    for a, b in zip(read_metrics(root / f"overlap-{local_sum}"), read_metrics(runs["one"])):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                    rel=1e-4)
 

@@ -65,13 +65,16 @@ def test_two_ranks_on_one_gpu_sum_through_pinned_shared_memory(tmp_path):
     torch.testing.assert_close(results[0][0], _expected())
 
 
-def test_applies_to_gloo_gpu_tensors_of_single_host_jobs_only():
-    class Tensor:
-        def __init__(self, is_cuda):
-            self.is_cuda = is_cuda
-
+def test_applies_to_gloo_jobs_of_one_host_and_by_default_to_gpu_tensors(monkeypatch):
     host = DistContext(rank=0, world_size=2, local_rank=0, local_world_size=2, backend="gloo")
-    assert local_sum.applies(host, Tensor(True))
-    assert not local_sum.applies(host, Tensor(False))
-    assert not local_sum.applies(DistContext(world_size=2, local_world_size=2, backend="nccl"), Tensor(True))
-    assert not local_sum.applies(DistContext(world_size=4, local_world_size=2, backend="gloo"), Tensor(True))
+    assert local_sum.applies(host, on_cuda=True) and not local_sum.applies(host, on_cuda=False)
+    assert not local_sum.applies(DistContext(world_size=2, local_world_size=2, backend="nccl"), True)
+    assert not local_sum.applies(DistContext(world_size=4, local_world_size=2, backend="gloo"), True)  # two hosts
+    assert not local_sum.applies(DistContext(backend="gloo"), True)  # one process
+    monkeypatch.setenv(local_sum.ENABLE_ENV, "1")
+    assert local_sum.applies(host, on_cuda=False)
+    monkeypatch.setenv(local_sum.ENABLE_ENV, "0")
+    assert not local_sum.applies(host, on_cuda=True)
+    monkeypatch.setenv(local_sum.ENABLE_ENV, "yes")
+    with pytest.raises(local_sum.InputError, match="STREAMTUNE_LOCAL_SUM='yes': use auto"):
+        local_sum.applies(host, on_cuda=True)

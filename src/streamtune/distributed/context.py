@@ -92,21 +92,26 @@ class DistContext:
             self._guard(what, dist.barrier)
 
     def all_reduce_sum(self, values: Any, what: str) -> Any:
-        """Sum a tensor over ranks, in place; returns it."""
-        if self.active and local_sum.applies(self, values):
+        """Sum a tensor over ranks, in place; returns it (gloo on one host: through shared memory)."""
+        if self.active and local_sum.applies(self, values.is_cuda):
             self._local_sum(values).sum_(values)
-        elif self.active:
+        else:
+            self._all_reduce(values, what)
+        return values
+
+    def _all_reduce(self, values: Any, what: str) -> None:
+        """The process group's own sum (gloo: of a host copy of a GPU tensor)."""
+        if self.active:
             import torch.distributed as dist
 
             with on_host(values, self.backend, self.staging) as staged:
                 self._guard(what, dist.all_reduce, staged, op=dist.ReduceOp.SUM)
-        return values
 
     def all_reduce_sum_async(self, values: Any, what: str) -> Any:
         """Start summing a tensor over ranks, in place; returns the work to pass to :meth:`wait_collective`."""
         import torch.distributed as dist
 
-        if local_sum.applies(self, values):  # done now: the host waits (inside the backward: no overlap)
+        if local_sum.applies(self, values.is_cuda):  # done now: the host waits (inside the backward: no overlap)
             self._local_sum(values).sum_(values)
             return _DoneWork()
         if _reduced_on_host(values, self.backend):
@@ -116,10 +121,18 @@ class DistContext:
             return HostStagedWork(work, host, values, self.staging)
         return self._guard(what, dist.all_reduce, values, op=dist.ReduceOp.SUM, async_op=True)
 
+    def gradient_sum_path(self) -> str | None:
+        """How gradients are summed over the ranks (``placement.json``): ``nccl``, ``gloo``, ``shared memory``
+        (gloo on one host, :mod:`~streamtune.distributed.local_sum`), or None for one process."""
+        if not self.active:
+            return None
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        return "shared memory" if local_sum.applies(self, on_cuda) else self.backend
+
     def _local_sum(self, values: Any) -> Any:
         """The shared-memory sum for tensors of ``values``'s dtype, made (a collective) at its first use."""
         if values.dtype not in self.local_sums:
-            self.local_sums[values.dtype] = local_sum.LocalSum.create(self, values.dtype)
+            self.local_sums[values.dtype] = local_sum.LocalSum.create(self, values.dtype, pin=values.is_cuda)
         return self.local_sums[values.dtype]
 
     def wait_collective(self, work: Any, what: str) -> None:
@@ -138,7 +151,8 @@ class DistContext:
         on = self.device if self.backend == "nccl" else "cpu"
         values = torch.stack([torch.as_tensor(n, dtype=torch.float64, device=device).reshape(()).to(on)
                               for n in numbers])
-        return [float(v) for v in self.all_reduce_sum(values, what).cpu()]
+        self._all_reduce(values, what)  # a few numbers: not worth the shared slots of the gradient sum
+        return [float(v) for v in values.cpu()]
 
     def all_reduce_grads(self, params: list[Any]) -> None:
         """Sum the gradients of ``params`` over ranks: one flattened all-reduce after the backward.
@@ -415,6 +429,7 @@ def init_from_env(device_name: str = "auto", backend: str = "auto") -> tuple[Dis
                              f"{torch.cuda.device_count()} GPU(s); lower --nproc-per-node")
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
+    local_sum.mode()  # a bad STREAMTUNE_LOCAL_SUM fails here, before any weights are loaded
     ctx.backend = ("nccl" if wants_cuda else "gloo") if backend == "auto" else backend
     if ctx.backend == "nccl" and not wants_cuda:
         raise InputError("train.dist_backend: nccl needs CUDA, and this run trains on the CPU; use gloo or auto")

@@ -228,7 +228,8 @@ class Recipe:
     def _record_placement(self) -> None:
         outputs.write_placement(self.run_dir, self.placement, self.device, self.kernels, self.kernels_applied,
                                 loading=self.load_stats, pack_cache=self.pack_cache, world_size=self.dist.world_size,
-                                dist_backend=self.dist.backend or None, shared_host=self.shared_host)
+                                dist_backend=self.dist.backend or None, gradient_sum=self.dist.gradient_sum_path(),
+                                shared_host=self.shared_host)
 
     def _pack_cache(self) -> Any:
         if not self.cfg.memory.cache_dir:  # check_cache_dir refused it for a preset before anything loaded
