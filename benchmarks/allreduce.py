@@ -5,7 +5,7 @@
 
 Two processes (spawned, gloo's TCP store on localhost) each hold the gradient on their GPU (``cuda:RANK``, or
 both on ``cuda:0`` when there is one GPU: the gloo rows then still measure the host side, the NCCL row is
-skipped) and time ``DistContext.all_reduce_sum`` (the trainer's flat sum) per variant:
+skipped; without a GPU, on the CPU: the shared-memory and host-only rows) and time one sum per variant:
 
 - ``gloo shm``: ``train.dist_backend: gloo`` as trained on one host: each rank's D2H into its slot of a shared
   page-locked buffer, a barrier, the H2D of every slot and their sum on the GPU (``local_sum.LocalSum``).
@@ -71,24 +71,25 @@ def _rank(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
     from streamtune.distributed.context import DistContext
 
     gpus = torch.cuda.device_count()
-    device = torch.device("cuda", rank % gpus)
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", rank % gpus) if gpus else torch.device("cpu")
+    if gpus:
+        torch.cuda.set_device(device)
     numel = int(args.mbytes * 1e6) // 4
     values = torch.full((numel,), float(rank + 1), device=device)
     expected = torch.full_like(values, 3.0)  # 1 + 2
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ctx = DistContext(rank=rank, world_size=2, local_rank=rank, local_world_size=2, backend="gloo", device=device)
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if gpus else (lambda: None)
     rows: dict[str, float | None] = {}
     for variant in VARIANTS:
-        if variant == "nccl" and gpus < 2:
+        if (variant == "nccl" and gpus < 2) or (not gpus and variant in ("gloo pinned", "gloo pageable")):
             rows[variant] = None
             continue
         if variant == "nccl":
             group = dist.new_group([0, 1], backend="nccl")
             run = (lambda: dist.all_reduce(values, group=group))
-        elif variant == "gloo shm":
-            run = (lambda: ctx.all_reduce_sum(values, "benchmark"))
+        elif variant == "gloo shm":  # as training sums GPU tensors (and CPU ones with STREAMTUNE_LOCAL_SUM=1)
+            run = (lambda: ctx._local_sum(values).sum_(values))
         elif variant == "gloo pinned":
             run = (lambda: _staged_sum(values, ctx.staging))
         elif variant == "gloo pageable":
@@ -116,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.multiprocessing as mp
 
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a GPU (the gloo rows stage GPU tensors through the host)")
     sys.path.insert(0, str(REPO / "src"))
     context = mp.get_context("spawn")
     queue = context.Queue()
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant, seconds in rows.items():
         print(f"{variant:16} " + ("     n/a      n/a" if seconds is None else
                                   f"{seconds * 1e3:>8.1f} {nbytes / seconds / 1e9:>8.2f}"))
-    gpu = torch.cuda.get_device_name(0).replace(" ", "_")
+    gpu = torch.cuda.get_device_name(0).replace(" ", "_") if torch.cuda.is_available() else "cpu"
     path = Path(args.out) / f"allreduce-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"args": vars(args), "bytes": nbytes, "gpus": torch.cuda.device_count(),

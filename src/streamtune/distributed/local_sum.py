@@ -33,8 +33,9 @@ ENABLE_ENV = "STREAMTUNE_LOCAL_SUM"
 def mode() -> str:
     """``STREAMTUNE_LOCAL_SUM``: ``auto`` (the default: GPU tensors), ``1`` (CPU tensors too) or ``0`` (never).
 
-    On the CPU the shared-memory sum is no faster than gloo's (74 MB between two processes of a 2-core machine:
-    56-72 against 50-53 ms), so ``auto`` leaves CPU tensors to gloo; ``1`` is for tests and A/B runs.
+    On the CPU the shared-memory sum is slower than gloo's own (74 MB between two processes of a 2-core machine:
+    77 against 64 ms, ``benchmarks/allreduce.py``), so ``auto`` leaves CPU tensors to gloo; ``1`` is for tests
+    and A/B runs.
 
     Raises:
         InputError: another value.
