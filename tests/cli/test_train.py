@@ -189,6 +189,10 @@ def test_a_dist_backend_that_cannot_run_is_refused_before_any_work(write_config,
     code, err, run = _bad(write_config, capsys, "train.dist_backend=nccl", "train.device=auto")
     assert code == 2 and "train.dist_backend: nccl needs CUDA, and this run trains on the CPU" in err
     assert not run.exists()
+    monkeypatch.setenv("STREAMTUNE_LOCAL_SUM", "yes")  # the shared-memory sum's switch, read when the job joins
+    code, err, run = _bad(write_config, capsys, "train.dist_backend=gloo")
+    assert code == 2 and "STREAMTUNE_LOCAL_SUM='yes': use auto (GPU tensors), 1 (CPU tensors too) or 0 (never)" in err
+    assert not run.exists()
 
 
 def test_missing_config_file(capsys, tmp_path):
